@@ -1,0 +1,118 @@
+"""Real ComfyUI UNet architectures with random weights, built in-process.
+
+Used by the tests, the benchmarks and the smoke-checkpoint generator. Models are built the way ComfyUI's executor
+builds them: under ``torch.inference_mode()``, so their weights are inference tensors exactly like weights a
+loader node produces (a gradient pass that works here works for users too).
+
+``family`` is one of ``sd15``, ``sd2`` (v-prediction, fp32 attention), ``sdxl``; ``size`` is ``tiny`` (unit tests:
+a few M parameters, same block layout) or ``full`` (the real shapes).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+# Full-size UNet configs as ComfyUI's model detection produces them (comfy/model_detection.py).
+_FULL = {
+    "sd15": {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    },
+    "sd2": {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 1024,
+        "num_head_channels": 64, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    },
+    "sdxl": {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 64,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    },
+}
+
+# Tiny variants keep each family's block layout (which levels have attention, linear vs conv projections,
+# head layout, context width) and shrink channels, depth and levels.
+_TINY = {
+    "sd15": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": [1, 1, 1],
+             "transformer_depth": [1, 1, 1], "transformer_depth_output": [1, 1, 1, 1, 1, 1],
+             "transformer_depth_middle": 1, "num_heads": 4},
+    "sd2": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": [1, 1, 1],
+            "transformer_depth": [1, 1, 1], "transformer_depth_output": [1, 1, 1, 1, 1, 1],
+            "transformer_depth_middle": 1, "num_head_channels": 16},
+    "sdxl": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": [1, 1, 1],
+             "transformer_depth": [0, 1, 1], "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+             "transformer_depth_middle": 1, "num_head_channels": 16},
+}
+
+FAMILIES = tuple(_FULL)
+
+
+def unet_config(family: str, size: str = "tiny", inpaint: bool = False) -> dict:
+    if family not in _FULL:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    cfg = copy.deepcopy(_FULL[family])
+    if size == "tiny":
+        cfg.update(copy.deepcopy(_TINY[family]))
+    elif size != "full":
+        raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
+    if inpaint:
+        cfg["in_channels"] = 9
+    return cfg
+
+
+def model_config(family: str, size: str = "tiny", inpaint: bool = False):
+    """The ComfyUI ``supported_models`` config object for a family (SD15, SD20, SDXL)."""
+    import comfy.supported_models as sm
+
+    cls = {"sd15": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}[family]
+    return cls(unet_config(family, size, inpaint))
+
+
+def build_model(family: str = "sd15", size: str = "tiny", inpaint: bool = False, seed: int = 0):
+    """A ComfyUI ``ModelPatcher`` around a random-weight UNet, built under inference mode like a loader node.
+
+    SD2 4-channel models are built as v-prediction (the 768-v models; SD2 inpainting models are epsilon).
+    """
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+
+    config = model_config(family, size, inpaint)
+    offload = comfy.model_management.unet_offload_device()
+    with torch.inference_mode():
+        if family == "sd2" and not inpaint:
+            model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+        else:
+            model = config.get_model({})
+        if inpaint:
+            model.set_inpaint()
+        _randomise(model, seed)
+        model.to(offload)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                           offload_device=offload)
+
+
+def _randomise(model, seed: int) -> None:
+    """Give every parameter small random values (ComfyUI's ops skip initialisation, leaving them empty)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        fan_in = p[0].numel() if p.dim() > 1 else 1
+        if name.endswith("bias") or p.dim() == 1:
+            val = torch.randn(p.shape, generator=gen) * 0.02
+            if "norm" in name and name.endswith("weight"):
+                val = val + 1.0
+        else:
+            val = torch.randn(p.shape, generator=gen) / max(fan_in, 1) ** 0.5
+        p.copy_(val.to(p.dtype))

@@ -1,0 +1,29 @@
+"""Small pictures for people: IMAGE tensors ([B, H, W, 3], 0..1, ComfyUI's layout) of masks and maps."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import masks as mask_ops
+
+
+def mask_levels_preview(mask: torch.Tensor, downsamples, separator: int = 2) -> torch.Tensor:
+    """The first mask of a batch at each attention level, nearest-upscaled back and laid side by side.
+
+    ``mask`` is [B, 1, H, W] at image resolution; level d has the size of a latent (H/8) shrunk d times.
+    White = regenerated tokens. With no level, the mask itself.
+    """
+    m = mask_ops.as_batch(mask)[:1]
+    height, width = m.shape[-2:]
+    tiles = []
+    for d in downsamples or ():
+        h, w = mask_ops.level_size(max(1, height // 8), max(1, width // 8), d)
+        level = mask_ops.binary(mask_ops.resize(m, h, w))
+        tiles.append(F.interpolate(level, size=(height, width), mode="nearest"))
+    if not tiles:
+        tiles = [m]
+    gap = torch.full((1, 1, height, separator), 0.5)
+    row = [tiles[0]]
+    for t in tiles[1:]:
+        row += [gap, t]
+    return torch.cat(row, dim=-1)[0, 0, :, :, None].expand(-1, -1, 3)[None].contiguous()

@@ -1,0 +1,9 @@
+"""ComfyUI adapters: one module per mechanism, all registered through one V3 extension."""
+from comfy_api.latest import ComfyExtension
+
+from .painta import PAIntAPatch
+
+
+class FaithfulInpaintExtension(ComfyExtension):
+    async def get_node_list(self):
+        return [PAIntAPatch]

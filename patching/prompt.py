@@ -1,0 +1,37 @@
+"""Encode a region prompt with a ComfyUI CLIP and find its token positions ind(tau)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.tokens import prompt_token_indices, word_count
+from .errors import NodeInputError
+
+CLIP_END_TOKEN = 49407
+
+
+@dataclass
+class RegionPrompt:
+    text: str
+    context: torch.Tensor        # [1, L, D], what the cross-attention layers see for this prompt
+    token_indices: list[int]     # ind(tau): word tokens + each window's EOT
+    words: int                   # 0 for an empty prompt
+
+    @property
+    def empty(self) -> bool:
+        return self.words == 0
+
+
+def encode(clip, text: str, node: str, expected_dim: int | None = None, input_name: str = "clip") -> RegionPrompt:
+    """Tokenize and encode ``text``; check the embedding width against the model's cross-attention."""
+    tokens = clip.tokenize(text)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    sub = getattr(clip.tokenizer, f"clip_{key}", None)
+    end_token = getattr(sub, "end_token", None) or CLIP_END_TOKEN
+    windows = [[tok for tok, *_ in window] for window in tokens[key]]
+    context = clip.encode_from_tokens(tokens)
+    if expected_dim is not None and context.shape[-1] != expected_dim:
+        raise NodeInputError(node, input_name, f"this CLIP gives {context.shape[-1]}-wide text embeddings but the "
+                             f"model's cross-attention expects {expected_dim}: use the CLIP of the same checkpoint.")
+    return RegionPrompt(text, context, prompt_token_indices(windows, end_token), word_count(windows, end_token))
