@@ -48,12 +48,13 @@ _TINY = {
     "sd15": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": [1, 1, 1],
              "transformer_depth": [1, 1, 1], "transformer_depth_output": [1, 1, 1, 1, 1, 1],
              "transformer_depth_middle": 1, "num_heads": 4},
-    "sd2": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": [1, 1, 1],
+    # SD2 and SDXL fix the head width at 64 (ComfyUI's unet_extra_config), so their tiny widths start at 64.
+    "sd2": {"model_channels": 64, "channel_mult": [1, 2, 2], "num_res_blocks": [1, 1, 1],
             "transformer_depth": [1, 1, 1], "transformer_depth_output": [1, 1, 1, 1, 1, 1],
-            "transformer_depth_middle": 1, "num_head_channels": 16},
-    "sdxl": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": [1, 1, 1],
-             "transformer_depth": [0, 1, 1], "transformer_depth_output": [0, 0, 1, 1, 1, 1],
-             "transformer_depth_middle": 1, "num_head_channels": 16},
+            "transformer_depth_middle": 1},
+    "sdxl": {"model_channels": 64, "channel_mult": [1, 2, 2], "num_res_blocks": [1, 1, 1],
+             "transformer_depth": [0, 1, 2], "transformer_depth_output": [0, 0, 1, 1, 2, 2],
+             "transformer_depth_middle": 1},
 }
 
 FAMILIES = tuple(_FULL)
@@ -108,6 +109,8 @@ def _randomise(model, seed: int) -> None:
     """Give every parameter small random values (ComfyUI's ops skip initialisation, leaving them empty)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
+        if p.numel() == 0:
+            continue
         fan_in = p[0].numel() if p.dim() > 1 else 1
         if name.endswith("bias") or p.dim() == 1:
             val = torch.randn(p.shape, generator=gen) * 0.02
