@@ -119,3 +119,40 @@ def _randomise(model, seed: int) -> None:
         else:
             val = torch.randn(p.shape, generator=gen) / max(fan_in, 1) ** 0.5
         p.copy_(val.to(p.dtype))
+
+
+def build_clip(family: str = "sd15", seed: int = 0):
+    """A ComfyUI ``CLIP`` (real tokenizer, real text-encoder architecture, random weights) for ``family``."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    from comfy.text_encoders import sd2_clip
+
+    classes = {"sd15": (comfy.sd1_clip.SD1ClipModel, comfy.sd1_clip.SD1Tokenizer),
+               "sd2": (sd2_clip.SD2ClipModel, sd2_clip.SD2Tokenizer),
+               "sdxl": (comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer)}[family]
+
+    class Target:
+        clip, tokenizer = classes
+        params = {}
+
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(Target)
+        _randomise(clip.cond_stage_model, seed)
+    return clip
+
+
+def build_flux_model(seed: int = 0):
+    """A tiny Flux (a DiT, not a UNet): for testing that the pack refuses models it cannot patch."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    cfg = {"image_model": "flux", "guidance_embed": False, "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+           "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+           "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True}
+    with torch.inference_mode():
+        model = sm.Flux(cfg).get_model({})
+        _randomise(model, seed)
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
