@@ -1,0 +1,52 @@
+"""The pack as ComfyUI and other tools see it: entry point, kernels without ComfyUI, registry metadata."""
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_kernels_import_without_comfyui():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('fi', r'{ROOT / '__init__.py'}', "
+        f"submodule_search_locations=[r'{ROOT}'])\n"
+        "pkg = importlib.util.module_from_spec(spec); sys.modules['fi'] = pkg; spec.loader.exec_module(pkg)\n"
+        "import pkgutil, importlib\n"
+        "for m in pkgutil.iter_modules([r'" + str(ROOT / "kernels") + "']):\n"
+        "    importlib.import_module('fi.kernels.' + m.name)\n"
+        "bad = [n for n in sys.modules if n == 'comfy' or n.startswith('comfy.') or n.startswith('comfy_')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_pack_registered_through_comfy_entrypoint():
+    import nodes
+
+    assert nodes.NODE_CLASS_MAPPINGS["PAIntAPatch"].__module__.endswith("nodes.painta")
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["PAIntAPatch"] == "PAIntA (prompt-aware attention)"
+
+
+def test_every_pack_node_lives_under_one_category():
+    import nodes
+
+    pack = sys.modules["faithful_inpaint"].__name__          # ComfyUI's module name for the pack
+    ours = [cls for cls in nodes.NODE_CLASS_MAPPINGS.values() if cls.__module__.startswith(pack + ".")]
+    assert ours
+    assert all(cls.CATEGORY.startswith("inpaint/faithful/") for cls in ours)
+
+
+def test_registry_metadata():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["name"] == "faithful-inpaint"
+    assert meta["tool"]["comfy"]["DisplayName"] == "Faithful Inpaint"
+    deps = " ".join(meta["project"]["dependencies"])
+    for name in ("safetensors", "transformers", "einops", "kornia", "accelerate"):
+        assert name in deps
+    assert "torch" not in deps
+    reqs = (ROOT / "requirements.txt").read_text()
+    assert all(name in reqs for name in ("safetensors", "transformers", "einops", "kornia", "accelerate"))
