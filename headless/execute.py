@@ -24,6 +24,10 @@ class RunError(RuntimeError):
     """ComfyUI rejected or failed the prompt; the message carries ComfyUI's report (node id, type, message)."""
 
 
+class RunInterrupted(RunError):
+    """The run was interrupted (Ctrl-C, or ``comfy.model_management.interrupt_current_processing``)."""
+
+
 class HeadlessServer:
     """The part of ``server.PromptServer`` that the executor uses: records messages and forwards them."""
 
@@ -130,7 +134,8 @@ def run_prompt(prompt: dict, workflow: Mapping | None = None,
 
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid:
+    if not valid or node_errors:  # the UI would still run the valid outputs; a batch run fails instead
+        error = error or {"message": "some outputs failed validation"}
         raise RunError(format_validation_error(prompt, error, node_errors))
     server = HeadlessServer(on_message)
     server.last_prompt_id = prompt_id
@@ -151,7 +156,7 @@ def run_prompt(prompt: dict, workflow: Mapping | None = None,
         if event == "execution_error":
             raise RunError(format_execution_error(prompt, data))
         if event == "execution_interrupted":
-            raise RunError(f"Interrupted at node {data.get('node_id')} ({_title(prompt, data.get('node_id'))})")
+            raise RunInterrupted(f"Interrupted at node {data.get('node_id')} ({_title(prompt, data.get('node_id'))})")
     if not executor.success:
         raise RunError("ComfyUI reported failure without an error message")
     return RunResult(prompt_id, executor.history_result.get("outputs", {}), server.messages)

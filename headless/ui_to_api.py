@@ -24,7 +24,8 @@ definitions (``INPUT_TYPES`` of ``nodes.NODE_CLASS_MAPPINGS``; V3 nodes expose i
   is false), ``control_after_generate`` + ``control_filter_list`` after a COMBO with that option, and the
   ``upload`` button (value ``"image"``) after the last required input of a node with an ``image_upload`` /
   ``video_upload`` / ``animated_image_upload`` combo (LoadImage, LoadImageMask). Lists written without the UI-only
-  values are accepted too; ``widgets_values`` given as a dict is read by name. Any other count is an error.
+  values are accepted too; ``widgets_values`` given as a dict is read by name; a node saved without
+  ``widgets_values`` gets the widgets' defaults. Any other count is an error.
 * Array widget values are wrapped as ``{"__value__": [...]}`` (the executor unwraps them).
 * ``Reroute`` is followed through; ``Note``/``MarkdownNote`` are dropped; a ``PrimitiveNode`` feeds its value
   (``widgets_values[0]``) to the widget inputs it is linked to; groups are ignored.
@@ -95,13 +96,24 @@ def widget_slots(class_type: str, node_class) -> list[tuple[str, bool]]:
     return slots
 
 
+def _default(node_class, name):
+    spec = node_class.INPUT_TYPES()
+    typ, opts = _spec({**(spec.get("optional") or {}), **(spec.get("required") or {})}[name])
+    if "default" in opts:
+        return opts["default"]
+    if _is_combo(typ):
+        options = typ if isinstance(typ, (list, tuple)) else opts.get("options") or [None]
+        return options[0] if options else None
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(typ)
+
+
 def widget_inputs(node: Mapping, node_class) -> dict[str, Any]:
     """Map a UI node's ``widgets_values`` to input names (see the module docstring)."""
     values = node.get("widgets_values")
     slots = widget_slots(node["type"], node_class)
     sent = [name for name, is_sent in slots if is_sent]
-    if values is None:
-        values = []
+    if values is None:  # never saved: the UI would use the widgets' defaults
+        return {name: _default(node_class, name) for name in sent}
     if isinstance(values, dict):
         return {name: values[name] for name in sent if name in values}
     if len(values) == len(slots):
@@ -140,7 +152,7 @@ def _compatible(a, b) -> bool:
 class _Graph:
     def __init__(self, workflow: Mapping):
         if not isinstance(workflow, Mapping) or not isinstance(workflow.get("nodes"), list):
-            raise WorkflowError("not a ComfyUI UI workflow: no 'nodes' list (API-format prompts need no conversion)")
+            raise WorkflowError("not a ComfyUI UI workflow: no 'nodes' list")
         self.nodes = {str(n["id"]): n for n in workflow["nodes"]}
         self.links = {}
         for link in workflow.get("links") or []:
@@ -153,7 +165,7 @@ class _Graph:
         """Follow a link to a real node: ``[node_id, slot]``, a :class:`_Value`, a :class:`_Removed` or None."""
         link = self.links.get(link_id)
         if link is None:
-            raise WorkflowError(f"{describe(target)}: an input uses link {link_id}, which is not in the workflow's links")
+            raise WorkflowError(f"{describe(target)}: an input uses link {link_id}, which is not in the workflow")
         origin = self.nodes.get(str(link[1]))
         if origin is None:
             raise WorkflowError(f"{describe(target)}: link {link_id} comes from node {link[1]}, which does not exist")

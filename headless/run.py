@@ -1,0 +1,251 @@
+"""Run a ComfyUI workflow headless: the UI's Queue button, from the command line.
+
+    python -m headless.run WORKFLOW.json [--out DIR] [--image PATH] [--mask PATH] [--prompt TEXT]
+                           [--negative TEXT] [--seed N] [--steps N] [--ckpt FILE ...] [--smoke]
+                           [--comfyui-base DIR]
+
+WORKFLOW is a workflow saved by ComfyUI's UI (or a PNG ComfyUI saved, which embeds it; an API-format prompt runs
+as it is, without overrides). It is converted with the live node definitions (:mod:`headless.ui_to_api`), the
+overrides it declares are applied (:mod:`headless.overrides`), and the prompt runs through ComfyUI's real
+``validate_prompt`` + ``PromptExecutor`` (:mod:`headless.execute`); a validation error on any output fails the run.
+Every image of every SaveImage / PreviewImage node is written as ``<workflow>-<node id>-<node title>-<NN>.png``
+into ``--out`` (default ``./output``), with the prompt and workflow embedded as ComfyUI embeds them.
+
+``--image`` / ``--mask`` files are copied into ComfyUI's input folder (under a content-hashed name). ``--ckpt`` takes a
+checkpoint file (linked into the models folder) or the name of one ComfyUI already lists. ``--smoke`` runs without
+real weights: it generates random-weight model files with the real shapes (``headless.smoke_checkpoints``) for the
+kinds the workflow's ``extra.faithful_inpaint.smoke`` names, plus a test image and a centred rectangular mask when
+none are given; THE OUTPUT IS THEN NOISE. ``--comfyui-base`` selects ComfyUI's models/, input/, output/ folders
+(default: ComfyUI's own; ``.smoke/comfyui`` of this repository with ``--smoke``). Exit status: 0 on success, 1 when
+the workflow or ComfyUI reports an error (printed with node id, type and message), 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # allow ``python headless/run.py``
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from headless import host  # noqa: E402
+from headless.execute import RunError, RunInterrupted, interrupt_on_ctrl_c, run_prompt  # noqa: E402
+from headless.overrides import OverrideError, apply_overrides, declared_targets, pack_extra  # noqa: E402
+from headless.ui_to_api import WorkflowError, convert  # noqa: E402
+
+NOISE_BANNER = "SMOKE MODE: random-weight models, the output images are NOISE (this checks the plumbing, not quality)."
+DEFAULT_SMOKE_IMAGE_SIZE = (256, 256)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m headless.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workflow", help="workflow saved by ComfyUI's UI (.json), or a PNG that embeds one")
+    p.add_argument("--out", default="output", help="folder for the output PNGs (default: ./output)")
+    p.add_argument("--image", help="input image file (override 'image')")
+    p.add_argument("--mask", help="mask file, white = inpaint (override 'mask')")
+    p.add_argument("--prompt", help="positive prompt text (override 'prompt')")
+    p.add_argument("--negative", help="negative prompt text (override 'negative')")
+    p.add_argument("--seed", type=int, help="sampler seed (override 'seed')")
+    p.add_argument("--steps", type=int, help="sampler steps (override 'steps')")
+    p.add_argument("--ckpt", nargs="+", metavar="FILE", help="checkpoint file(s) or name(s) (override 'ckpt')")
+    p.add_argument("--smoke", action="store_true", help="random-weight models; the output is noise")
+    p.add_argument("--comfyui-base", help="ComfyUI base directory (models/, input/, output/)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's info log")
+    return p.parse_args(argv)
+
+
+def load_workflow(path: str) -> dict:
+    if path.lower().endswith(".png"):
+        from PIL import Image
+
+        text = Image.open(path).info.get("workflow")
+        if not text:
+            raise WorkflowError(f"{path} carries no ComfyUI workflow")
+        return json.loads(text)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def stage_input_file(path: str) -> str:
+    """Copy a user's file into ComfyUI's input folder under a content-hashed name; return that name."""
+    import folder_paths
+
+    data = Path(path).read_bytes()
+    name = f"{Path(path).stem}-{hashlib.sha1(data).hexdigest()[:10]}{Path(path).suffix or '.png'}"
+    target = Path(folder_paths.get_input_directory()) / name
+    if not target.exists():
+        target.write_bytes(data)
+    return name
+
+
+def stage_model(path_or_name: str, folder: str = "checkpoints") -> str:
+    """A model file path is linked (or copied) into ComfyUI's ``folder``; a bare name is passed through."""
+    import folder_paths
+
+    source = Path(path_or_name).expanduser()
+    if not source.is_file():
+        return path_or_name
+    source = source.resolve()
+    for root in folder_paths.get_folder_paths(folder):
+        if source.is_relative_to(Path(root).resolve()):
+            return source.relative_to(Path(root).resolve()).as_posix()
+    target = Path(folder_paths.get_folder_paths(folder)[0]) / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and target.resolve() != source:
+        raise OverrideError(f"{target} exists and is not {source}; rename your file or remove that one")
+    if not target.exists():
+        try:
+            target.symlink_to(source)
+        except OSError:
+            shutil.copyfile(source, target)
+    return source.name
+
+
+def make_test_image(size):
+    """A simple, recognisable RGB test image: gradient background, a disc and a bar."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.linear_gradient("L").resize((w, h)).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((w * 0.15, h * 0.2, w * 0.55, h * 0.6), fill=(200, 60, 40))
+    draw.rectangle((w * 0.5, h * 0.65, w * 0.9, h * 0.8), fill=(40, 90, 200))
+    return img
+
+
+def make_test_mask(size):
+    """Centred rectangle (half the width and height) marked for inpainting under every loader convention:
+    white RGB (LoadImageMask red/green/blue) and transparent (alpha: ComfyUI's mask is 1 - alpha)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    mask = Image.new("RGBA", (w, h), (0, 0, 0, 255))
+    ImageDraw.Draw(mask).rectangle((w // 4, h // 4, w - w // 4 - 1, h - h // 4 - 1), fill=(255, 255, 255, 0))
+    return mask
+
+
+def smoke_values(workflow: dict, given: dict, scratch: Path) -> dict:
+    """Override values for a smoke run: generated model files, test image and mask, smoke defaults."""
+    import folder_paths
+
+    from headless import smoke_checkpoints
+
+    smoke = pack_extra(workflow).get("smoke") or {}
+    size = tuple(smoke.get("image_size") or DEFAULT_SMOKE_IMAGE_SIZE)
+    values = {}
+    models_dir = smoke_checkpoints.default_models_dir()
+    for key, value in smoke.items():
+        if key == "image_size" or key in given:
+            continue
+        if isinstance(value, str) and value in smoke_checkpoints.KINDS:
+            print(f"Smoke: random-weight '{value}' model for '{key}' (generated once into {models_dir}) ...")
+            filename = smoke_checkpoints.ensure_smoke_models(models_dir, [value])[value]
+            folder = smoke_checkpoints.folder_for(value)
+            folder_paths.add_model_folder_path(folder, str(Path(models_dir) / folder))
+            values[key] = [filename]
+        else:
+            values[key] = [value]
+    targets = declared_targets(workflow)
+    scratch.mkdir(parents=True, exist_ok=True)
+    for key, maker in (("image", make_test_image), ("mask", make_test_mask)):
+        if key in targets and key not in given:
+            path = scratch / f"smoke-{key}-{size[0]}x{size[1]}.png"
+            maker(size).save(path)
+            values[key] = [stage_input_file(str(path))]
+    return values
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or "node"
+
+
+def write_outputs(result, prompt: dict, workflow_path: str, out_dir: str) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for node_id, index, source in result.image_files():
+        node = prompt[node_id]
+        title = (node.get("_meta") or {}).get("title") or node["class_type"]
+        target = out / f"{_slug(Path(workflow_path).stem)}-{node_id}-{_slug(title)}-{index:02d}.png"
+        shutil.copyfile(source, target)
+        written.append(target)
+    return written
+
+
+class Progress:
+    """Prints what the browser would show: the node being executed and sampler steps."""
+
+    def __init__(self, prompt: dict):
+        self.prompt = prompt
+        self.tty = sys.stdout.isatty()
+
+    def __call__(self, event: str, data: dict):
+        if event == "executing" and data.get("node") is not None:
+            node = self.prompt.get(str(data["node"]), {})
+            title = (node.get("_meta") or {}).get("title") or node.get("class_type")
+            print(f"  node {data['node']} ({title}) ...", flush=True)
+        elif event == "progress":
+            end = "\n" if data["value"] >= data["max"] or not self.tty else "\r"
+            print(f"    step {data['value']}/{data['max']}", end=end, flush=True)
+        elif event == "execution_cached" and data.get("nodes"):
+            print(f"  cached: {', '.join(map(str, data['nodes']))}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    base = args.comfyui_base or (str(host.PACK_ROOT / ".smoke" / "comfyui") if args.smoke else None)
+    try:
+        workflow = load_workflow(args.workflow)
+        host.start(base_directory=base)
+        host.load_pack_nodes()
+        if args.smoke:
+            print(NOISE_BANNER)
+        api_format = "nodes" not in workflow and all(isinstance(v, dict) and "class_type" in v
+                                                     for v in workflow.values())
+        prompt = workflow if api_format else convert(workflow)
+        given = {key: value for key, value in (
+            ("prompt", [args.prompt] if args.prompt is not None else None),
+            ("negative", [args.negative] if args.negative is not None else None),
+            ("seed", [args.seed] if args.seed is not None else None),
+            ("steps", [args.steps] if args.steps is not None else None),
+            ("image", [stage_input_file(args.image)] if args.image else None),
+            ("mask", [stage_input_file(args.mask)] if args.mask else None),
+            ("ckpt", [stage_model(c) for c in args.ckpt] if args.ckpt else None),
+        ) if value is not None}
+        values = dict(given)
+        if args.smoke:
+            import folder_paths
+
+            values.update(smoke_values(workflow, given, Path(folder_paths.get_temp_directory()) / "faithful-smoke"))
+        apply_overrides(prompt, workflow, values)
+        print(f"Running {args.workflow}: {len(prompt)} nodes")
+        with interrupt_on_ctrl_c():
+            result = run_prompt(prompt, None if api_format else workflow, on_message=Progress(prompt))
+        written = write_outputs(result, prompt, args.workflow, args.out)
+    except RunInterrupted as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 130
+    except (WorkflowError, OverrideError, RunError, host.HostNotFound, OSError, json.JSONDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print("The workflow ran but saved no images (no SaveImage / PreviewImage node produced output).")
+    if args.smoke:
+        print(NOISE_BANNER)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
