@@ -24,6 +24,8 @@ Public API:
   write_model_file(kind, path, seed=0)    writes one .safetensors file, returns its Path
   ensure_smoke_models(models_dir, kinds)  writes missing files into models_dir/<folder>/, returns {kind: filename}
   default_models_dir() -> Path            <repo>/.smoke/models, or $FAITHFUL_SMOKE_DIR
+  register_model_folders(models_dir, kinds)  adds models_dir/<folder> to ComfyUI's folder_paths (in-process hosts)
+  layout(kind) -> {key: (shape, dtype)}   the layout of a kind without writing anything
 
 ComfyUI must be importable (``headless.host.start()``) before any file is generated.
 """
@@ -279,9 +281,8 @@ def _diffusers_key_order(k: str):
 # --------------------------------------------------------------------------------------------------------------------
 
 class _Kind:
-    def __init__(self, folder: str, filename: str, layout: Callable[[], dict], zero_keys: Callable[[str], bool] = None):
+    def __init__(self, folder: str, filename: str, layout: Callable[[], dict]):
         self.folder, self.filename, self.layout = folder, filename, layout
-        self.zero_keys = zero_keys
 
 
 _SPECS: dict[str, _Kind] = {
@@ -474,3 +475,48 @@ def ensure_smoke_models(models_dir=None, kinds: Iterable[str] = ("sd15_inpaint",
             write_model_file(kind, path)
         out[kind] = spec.filename
     return out
+
+
+def register_model_folders(models_dir=None, kinds: Iterable[str] = KINDS) -> None:
+    """Add ``models_dir/<folder_for(kind)>`` to ComfyUI's ``folder_paths`` search paths (for an in-process host whose
+    base directory is elsewhere), so loader nodes list and find the smoke files. Folders ComfyUI does not know by
+    default (``ipadapter``, ``inpaint``) are registered with ComfyUI's usual model extensions, as their packs do."""
+    import folder_paths
+
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    root = Path(models_dir) if models_dir is not None else default_models_dir()
+    for folder in sorted({folder_for(k) for k in kinds}):
+        path = str(root / folder)
+        if folder not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[folder] = ([path], set(folder_paths.supported_pt_extensions))
+        else:
+            folder_paths.add_model_folder_path(folder, path)
+
+
+def main(argv=None) -> int:
+    """``python -m headless.smoke_checkpoints [--models-dir DIR] [KIND ...]``: write (or reuse) smoke files."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("kinds", nargs="*", default=["sd15", "sd15_inpaint"], help=f"any of {', '.join(KINDS)}; 'all'")
+    parser.add_argument("--models-dir", default=None, help="ComfyUI models folder (default: "
+                        "$FAITHFUL_SMOKE_DIR or <repo>/.smoke/models)")
+    args = parser.parse_args(argv)
+    kinds = KINDS if args.kinds == ["all"] else tuple(args.kinds)
+    from headless import host
+
+    host.start()
+    root = Path(args.models_dir) if args.models_dir else default_models_dir()
+    for kind in kinds:
+        t = time.perf_counter()
+        name = ensure_smoke_models(root, [kind])[kind]
+        path = root / folder_for(kind) / name
+        print(f"{kind:22s} {folder_for(kind)}/{name}  {path.stat().st_size / 2**20:8.0f} MiB  "
+              f"{time.perf_counter() - t:6.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
