@@ -2,8 +2,9 @@
 from comfy_api.latest import ComfyExtension
 
 from .painta import PAIntAPatch
+from .upscale import InpaintConditionalUpscale
 
 
 class FaithfulInpaintExtension(ComfyExtension):
     async def get_node_list(self):
-        return [PAIntAPatch]
+        return [PAIntAPatch, InpaintConditionalUpscale]

@@ -57,7 +57,8 @@ class PAIntAHooks:
         self._blocks = {b.key: b.module for b in transformer_blocks(unet) if b.downsample in self.downsamples}
         replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
         for key in self._blocks:
-            previous = replaces.get(key)
+            # ComfyUI looks a replace up by (block, id, index) first, then by (block, id): chain what it would call.
+            previous = replaces.get(key, replaces.get(key[:2]))
             model.set_model_attn1_replace(self._self_attention(key, previous), key[0], key[1], key[2])
         # Closures, not bound methods: ModelPatcher.clone() deep-copies model_options, and a bound method would drag
         # this object (and the UNet blocks it references) into the copy; functions are shared as they are.
