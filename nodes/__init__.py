@@ -2,9 +2,10 @@
 from comfy_api.latest import ComfyExtension
 
 from .painta import PAIntAPatch
+from .rasg import RASGGuidance, RASGSampler
 from .upscale import InpaintConditionalUpscale
 
 
 class FaithfulInpaintExtension(ComfyExtension):
     async def get_node_list(self):
-        return [PAIntAPatch, InpaintConditionalUpscale]
+        return [PAIntAPatch, RASGGuidance, RASGSampler, InpaintConditionalUpscale]
