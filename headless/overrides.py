@@ -22,7 +22,8 @@ when it saves)::
 * A target node must survive conversion (not muted, bypassed, a Reroute, PrimitiveNode or Note).
 * Asking for an override the workflow does not declare is an error (the runner never guesses targets).
 * ``smoke`` (used by ``--smoke``): a value that is a smoke model kind (``headless.smoke_checkpoints.KINDS``)
-  generates that random-weight file and feeds its name to the targets of the same key; ``image_size`` [w, h] sets
+  generates that random-weight file and feeds its name to the targets of the same key (a list of kinds feeds one
+  kind to each target, in order: ``"ckpt": ["sd15_inpaint", "sd_x4_upscaler"]``); ``image_size`` [w, h] sets
   the generated test image; any other key is a default value for that override in smoke runs.
 """
 from __future__ import annotations

@@ -143,12 +143,14 @@ def smoke_values(workflow: dict, given: dict, scratch: Path) -> dict:
     for key, value in smoke.items():
         if key == "image_size" or key in given:
             continue
-        if isinstance(value, str) and value in smoke_checkpoints.KINDS:
-            print(f"Smoke: random-weight '{value}' model for '{key}' (generated once into {models_dir}) ...")
-            filename = smoke_checkpoints.ensure_smoke_models(models_dir, [value])[value]
-            folder = smoke_checkpoints.folder_for(value)
-            folder_paths.add_model_folder_path(folder, str(Path(models_dir) / folder))
-            values[key] = [filename]
+        kinds = value if isinstance(value, list) else [value]
+        if kinds and all(isinstance(k, str) and k in smoke_checkpoints.KINDS for k in kinds):
+            values[key] = []
+            for kind in kinds:  # one kind per target of the key, in order
+                print(f"Smoke: random-weight '{kind}' model for '{key}' (generated once into {models_dir}) ...")
+                values[key].append(smoke_checkpoints.ensure_smoke_models(models_dir, [kind])[kind])
+                folder = smoke_checkpoints.folder_for(kind)
+                folder_paths.add_model_folder_path(folder, str(Path(models_dir) / folder))
         else:
             values[key] = [value]
     targets = declared_targets(workflow)

@@ -50,9 +50,9 @@ class Graph:
         (HERE / name).write_text(json.dumps(wf, indent=1) + "\n")
 
 
-def inpaint_graph(painta: bool, sampler: str = "ddim", scheduler: str = "ddim_uniform"):
-    """SD1.5 inpainting checkpoint -> InpaintModelConditioning -> [PAIntA] -> KSampler -> decode -> composite."""
-    g = Graph()
+def inpaint_stage(g, painta: bool, rasg: bool | None, prompt_suffix=""):
+    """Stage 1 of every inpainting workflow. rasg=None: a plain KSampler graph; False/True: SamplerCustom with
+    DDIM or the RASG sampler (the paper's table 2 rows). Returns the node ids later stages and overrides need."""
     ckpt = g.node("CheckpointLoaderSimple", ["sd-v1-5-inpainting.safetensors"], "Load inpainting checkpoint",
                   outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=0, row=0)
     image = g.node("LoadImage", ["example.png", "image"], "Image", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
@@ -61,7 +61,7 @@ def inpaint_graph(painta: bool, sampler: str = "ddim", scheduler: str = "ddim_un
                   outputs=[("MASK", "MASK")], col=0, row=2)
     grow = g.node("GrowMask", [1, True], "Dilate mask 1 px (as the reference)", inputs=[("mask", "MASK")],
                   outputs=[("MASK", "MASK")], col=1, row=2)
-    pos = g.node("CLIPTextEncode", [PROMPT], "Prompt", inputs=[("clip", "CLIP")],
+    pos = g.node("CLIPTextEncode", [PROMPT + prompt_suffix], "Prompt", inputs=[("clip", "CLIP")],
                  outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=0)
     neg = g.node("CLIPTextEncode", [NEGATIVE], "Negative", inputs=[("clip", "CLIP")],
                  outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=1)
@@ -75,42 +75,140 @@ def inpaint_graph(painta: bool, sampler: str = "ddim", scheduler: str = "ddim_un
     g.link(pos, 0, cond, "positive"), g.link(neg, 0, cond, "negative"), g.link(ckpt, 2, cond, "vae")
     g.link(image, 0, cond, "pixels"), g.link(grow, 0, cond, "mask")
     model_src = (ckpt, 0)
-    targets_prompt = [[pos, "text"]]
+    ids = {"ckpt": ckpt, "image": image, "mask": mask, "grow": grow, "pos": pos, "neg": neg,
+           "prompt_targets": [[pos, "text"]]}
     if painta:
         pa = g.node("PAIntAPatch", [PROMPT, False, True, True, False, 0.0, 0.5, 0.7071], "PAIntA",
                     inputs=[("model", "MODEL"), ("clip", "CLIP"), ("mask", "MASK")],
                     outputs=[("MODEL", "MODEL"), ("mask_levels", "IMAGE")], col=2, row=0)
-        g.link(ckpt, 0, pa, "model"), g.link(ckpt, 1, pa, "clip"), g.link(grow, 0, pa, "mask")
+        g.link(*model_src, pa, "model"), g.link(ckpt, 1, pa, "clip"), g.link(grow, 0, pa, "mask")
         prev = g.node("PreviewImage", [], "PAIntA mask levels", inputs=[("images", "IMAGE")], col=3, row=0)
         g.link(pa, 1, prev, "images")
         model_src = (pa, 0)
-        targets_prompt.append([pa, "prompt"])
-    ks = g.node("KSampler", [7, "fixed", 50, 7.5, sampler, scheduler, 1.0], "Sampler (paper: DDIM 50, CFG 7.5)",
-                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                        ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], col=3, row=1)
-    g.link(model_src[0], model_src[1], ks, "model")
-    g.link(cond, 0, ks, "positive"), g.link(cond, 1, ks, "negative"), g.link(cond, 2, ks, "latent_image")
+        ids["prompt_targets"].append([pa, "prompt"])
+    if rasg is None:
+        ks = g.node("KSampler", [7, "fixed", 50, 7.5, "ddim", "ddim_uniform", 1.0],
+                    "Sampler (paper: DDIM 50, CFG 7.5)", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
+                    ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
+                    col=3, row=1)
+        g.link(*model_src, ks, "model")
+        g.link(cond, 0, ks, "positive"), g.link(cond, 1, ks, "negative"), g.link(cond, 2, ks, "latent_image")
+        ids.update(seed=[[ks, "seed"]], steps=[[ks, "steps"]], latent=(ks, 0))
+    else:
+        if rasg:
+            guide = g.node("RASGGuidance", [PROMPT, "1/32 (paper)"], "RASG guidance",
+                           inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=3, row=0)
+            g.link(*model_src, guide, "model"), g.link(ckpt, 1, guide, "clip")
+            model_src = (guide, 0)
+            ids["prompt_targets"].append([guide, "prompt"])
+            sampler = g.node("RASGSampler", [0.15, "paper (eq. 11)", 0.0, 1.0], "RASG sampler (eta 0.15)",
+                             outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
+        else:
+            sampler = g.node("KSamplerSelect", ["ddim"], "DDIM", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
+        sched = g.node("BasicScheduler", ["ddim_uniform", 50, 1.0], "Schedule (paper: 50 DDIM steps)",
+                       inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")], col=3, row=3)
+        g.link(*model_src, sched, "model")
+        sc = g.node("SamplerCustom", [True, 7, "fixed", 7.5], "Sample (CFG 7.5)",
+                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                            ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                    outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], col=4, row=1)
+        g.link(*model_src, sc, "model"), g.link(cond, 0, sc, "positive"), g.link(cond, 1, sc, "negative")
+        g.link(sampler, 0, sc, "sampler"), g.link(sched, 0, sc, "sigmas"), g.link(cond, 2, sc, "latent_image")
+        ids.update(seed=[[sc, "noise_seed"]], steps=[[sched, "steps"]], latent=(sc, 0))
     dec = g.node("VAEDecode", [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 col=4, row=1)
-    g.link(ks, 0, dec, "samples"), g.link(ckpt, 2, dec, "vae")
+                 col=5, row=1)
+    g.link(*ids["latent"], dec, "samples"), g.link(ckpt, 2, dec, "vae")
     comp = g.node("ImageCompositeMasked", [0, 0, False], "Paste into the original",
                   inputs=[("destination", "IMAGE"), ("source", "IMAGE"), ("mask", "MASK")],
-                  outputs=[("IMAGE", "IMAGE")], col=5, row=1)
+                  outputs=[("IMAGE", "IMAGE")], col=6, row=1)
     g.link(image, 0, comp, "destination"), g.link(dec, 0, comp, "source"), g.link(grow, 0, comp, "mask")
-    save = g.node("SaveImage", ["faithful-inpaint"], "Result", inputs=[("images", "IMAGE")], col=6, row=1)
-    g.link(comp, 0, save, "images")
-    extra = {
-        "overrides": {"prompt": targets_prompt, "negative": [[neg, "text"]], "seed": [[ks, "seed"]],
-                      "steps": [[ks, "steps"]], "image": [[image, "image"]], "mask": [[mask, "image"]],
-                      "ckpt": [[ckpt, "ckpt_name"]]},
-        "smoke": {"ckpt": "sd15_inpaint", "image_size": [256, 256], "steps": 2},
-    }
-    return g, extra
+    ids["result"] = comp
+    return ids
+
+
+def overrides(ids, ckpt_targets=None):
+    return {"prompt": ids["prompt_targets"], "negative": [[ids["neg"], "text"]], "seed": ids["seed"],
+            "steps": ids["steps"], "image": [[ids["image"], "image"]], "mask": [[ids["mask"], "image"]],
+            "ckpt": ckpt_targets or [[ids["ckpt"], "ckpt_name"]]}
+
+
+def save_result(g, ids, col=7):
+    save = g.node("SaveImage", ["faithful-inpaint"], "Result", inputs=[("images", "IMAGE")], col=col, row=1)
+    g.link(ids["result"], 0, save, "images")
+
+
+def single_stage(name, painta, rasg):
+    g = Graph()
+    ids = inpaint_stage(g, painta, rasg)
+    save_result(g, ids)
+    g.save(name, {"overrides": overrides(ids),
+                  "smoke": {"ckpt": "sd15_inpaint", "image_size": [256, 256], "steps": 2}})
+
+
+def profi_painter_hd(name):
+    """Appendix E: the image is inpainted at a quarter of its size, then upscaled x4 with the inpainting-specialised
+    conditional super-resolution (512 px -> 2048 px for the paper's sizes)."""
+    g = Graph()
+    ids = inpaint_stage(g, painta=True, rasg=True)
+    # Stage 1 works on the image and mask scaled to a quarter; the originals feed the upscaler.
+    image_links = [l for l in g.links if l[1] == ids["image"]]
+    small = g.node("ImageScaleBy", ["area", 0.25], "Image / 4", inputs=[("image", "IMAGE")],
+                   outputs=[("IMAGE", "IMAGE")], col=1, row=3)
+    grow_small = g.node("ImageToMask", ["red"], "Mask / 4", inputs=[("image", "IMAGE")],
+                        outputs=[("MASK", "MASK")], col=2, row=3)
+    mask_img = g.node("MaskToImage", [], inputs=[("mask", "MASK")], outputs=[("IMAGE", "IMAGE")], col=1, row=4)
+    mask_small = g.node("ImageScaleBy", ["area", 0.25], "Mask image / 4", inputs=[("image", "IMAGE")],
+                        outputs=[("IMAGE", "IMAGE")], col=2, row=4)
+    g.link(ids["image"], 0, small, "image")
+    for link in image_links:  # every stage-1 consumer of the image now reads the small one
+        _relink(g, link, small, 0)
+    grow_links = [l for l in g.links if l[1] == ids["grow"]]
+    g.link(ids["grow"], 0, mask_img, "mask"), g.link(mask_img, 0, mask_small, "image")
+    g.link(mask_small, 0, grow_small, "image")
+    for link in grow_links:
+        _relink(g, link, grow_small, 0)
+    x4 = g.node("CheckpointLoaderSimple", ["x4-upscaler-ema.safetensors"], "Load SD x4 upscaler",
+                outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=5, row=3)
+    hr_pos = g.node("CLIPTextEncode", [PROMPT + ", high resolution professional photo"], "Upscaler prompt",
+                    inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], col=6, row=3)
+    hr_neg = g.node("CLIPTextEncode", [NEGATIVE], "Upscaler negative", inputs=[("clip", "CLIP")],
+                    outputs=[("CONDITIONING", "CONDITIONING")], col=6, row=4)
+    g.link(x4, 1, hr_pos, "clip"), g.link(x4, 1, hr_neg, "clip")
+    sr = g.node("InpaintConditionalUpscale", [7, "fixed", 20, 7.5, 20, 19, 19, 48, 32, "auto", 512],
+                "Inpainting-specialised x4 super-resolution",
+                inputs=[("model", "MODEL"), ("vae", "VAE"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                        ("image", "IMAGE"), ("mask", "MASK"), ("low_res", "IMAGE")],
+                outputs=[("IMAGE", "IMAGE"), ("blend_masks", "IMAGE")], col=7, row=2)
+    g.link(x4, 0, sr, "model"), g.link(x4, 2, sr, "vae"), g.link(hr_pos, 0, sr, "positive")
+    g.link(hr_neg, 0, sr, "negative"), g.link(ids["image"], 0, sr, "image"), g.link(ids["grow"], 0, sr, "mask")
+    g.link(ids["result"], 0, sr, "low_res")
+    low = g.node("PreviewImage", [], "Low-resolution result", inputs=[("images", "IMAGE")], col=7, row=0)
+    g.link(ids["result"], 0, low, "images")
+    ids["result"] = sr
+    save_result(g, ids, col=8)
+    ov = overrides(ids, ckpt_targets=[[ids["ckpt"], "ckpt_name"], [x4, "ckpt_name"]])
+    ov["upscale_steps"] = [[sr, "steps"]]
+    g.save(name, {"overrides": ov, "smoke": {"ckpt": ["sd15_inpaint", "sd_x4_upscaler"], "image_size": [256, 256],
+                                             "steps": 2, "upscale_steps": 2}})
+
+
+def _relink(g, link, new_src, new_slot):
+    """Point an existing link at another source output."""
+    old_src, old_slot = link[1], link[2]
+    g.nodes[old_src - 1]["outputs"][old_slot]["links"].remove(link[0])
+    link[1], link[2] = new_src, new_slot
+    link[5] = g.nodes[new_src - 1]["outputs"][new_slot]["type"]
+    g.nodes[new_src - 1]["outputs"][new_slot]["links"].append(link[0])
 
 
 def main():
-    g, extra = inpaint_graph(painta=True)
-    g.save("painta_inpaint.json", extra)
+    single_stage("painta_inpaint.json", painta=True, rasg=None)
+    # ProFI-Painter and the rows of the paper's table 2 (ablation): base, PAIntA only, RASG only, both.
+    single_stage("profi_painter.json", painta=True, rasg=True)
+    single_stage("profi_painter_ablation_base.json", painta=False, rasg=False)
+    single_stage("profi_painter_ablation_painta.json", painta=True, rasg=False)
+    single_stage("profi_painter_ablation_rasg.json", painta=False, rasg=True)
+    profi_painter_hd("profi_painter_hd.json")
 
 
 if __name__ == "__main__":
