@@ -14,41 +14,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
+from benchmarks._measure import device_name, measure  # noqa: E402
 from headless import host  # noqa: E402
 
 
-class PeakRSS:
-    def __init__(self):
-        import psutil
-
-        self.proc = psutil.Process()
-
-    def __enter__(self):
-        self.base = self.peak = self.proc.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self):
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.used = self.peak - self.base
-
-
-def measure(model, latent_side, steps, positive, negative, seed=0):
+def measure_sampling(model, latent_side, steps, positive, negative, seed=0):
     import comfy.sample
 
     latent = torch.zeros(1, 4, latent_side, latent_side)
@@ -56,20 +31,8 @@ def measure(model, latent_side, steps, positive, negative, seed=0):
     mask = torch.zeros(1, 1, latent_side, latent_side)
     q = latent_side // 4
     mask[..., q:3 * q, q:3 * q] = 1
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    with PeakRSS() as rss:
-        comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative, latent,
-                            noise_mask=mask, seed=seed, disable_pbar=True)
-        if cuda:
-            torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    used = torch.cuda.max_memory_allocated() - base if cuda else rss.used
-    return elapsed, used
+    return measure(lambda: comfy.sample.sample(model, noise, steps, 5.0, "euler", "normal", positive, negative,
+                                               latent, noise_mask=mask, seed=seed, disable_pbar=True))
 
 
 def main():
@@ -102,21 +65,21 @@ def main():
         PAIntAHooks(RegionPrompt("x", ctx, [1, 2, 3, 4], 3), mask, (2, 4), window).install(clone)
         return clone
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# PAIntA benchmark: {args.family} full-size random weights, {args.steps} Euler steps, CFG batched, {device}")
+    print(f"# PAIntA benchmark: {args.family} full-size random weights, {args.steps} Euler steps, CFG batched, "
+          f"{device_name()}")
     print("| latent (image) | variant | plain s | PAIntA s | time ratio | plain peak MiB | PAIntA peak MiB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for side in args.size:
-        measure(model, side, 1, positive, negative)  # warm-up
+        measure_sampling(model, side, 1, positive, negative)  # warm-up
         variants = {"paper window": ScheduleWindow.from_percent(model, 0.0, 0.5),
                     "every step": ScheduleWindow(1e9, 0.0)}
         for name, window in variants.items():
             p = patched(window, side)
             plain_t, plain_m, pa_t, pa_m = [], [], [], []
             for _ in range(args.repeats):
-                t, m = measure(model, side, args.steps, positive, negative)
+                t, m = measure_sampling(model, side, args.steps, positive, negative)
                 plain_t.append(t), plain_m.append(m)
-                t, m = measure(p, side, args.steps, positive, negative)
+                t, m = measure_sampling(p, side, args.steps, positive, negative)
                 pa_t.append(t), pa_m.append(m)
             pt, at = statistics.median(plain_t), statistics.median(pa_t)
             pm, am = max(plain_m) / 2**20, max(pa_m) / 2**20
