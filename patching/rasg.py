@@ -51,11 +51,31 @@ class RASGGuide:
 
 def install(model, token_indices, downsamples=(4,), mask=None):
     """A clone of ``model`` prepared for RASG (gradients enabled, attention recorder, guide in model_options)."""
+    import comfy.patcher_extension
+
     recorder = AttentionRecorder(attention=("attn2",), downsamples=tuple(downsamples), probabilities=False,
                                  with_grad=True, cond_only=True, average_heads=True, enabled=False)
     clone = recorder.install(enable_gradients(model))
     clone.model_options[GUIDE_KEY] = RASGGuide(recorder, list(token_indices), mask)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GUIDE_KEY, _conditional_grad_only)
     return clone
+
+
+def _conditional_grad_only(executor, model, conds, x_in, timestep, model_options):
+    """During a guided call, run the positive conditioning with autograd and the others without it.
+
+    Only the conditional rows' attention enters the objective, so the backward pass needs the conditional half
+    only: this halves its cost and the memory the graph holds, for the price of two half-batch forwards instead of
+    one batched forward. conds[0] is the positive conditioning (the None entries keep every cond at its index, so
+    cond_or_uncond stays right).
+    """
+    guide = model_options.get(GUIDE_KEY)
+    if guide is None or not guide.recorder.enabled or not torch.is_grad_enabled() or len(conds) < 2:
+        return executor(model, conds, x_in, timestep, model_options)
+    out = executor(model, [conds[0]] + [None] * (len(conds) - 1), x_in, timestep, model_options)
+    with torch.no_grad():
+        rest = executor(model, [None] + list(conds[1:]), x_in.detach(), timestep, model_options)
+    return out[:1] + rest[1:]
 
 
 def _guide(extra_args) -> RASGGuide:

@@ -193,3 +193,21 @@ def test_nodes(sd15):
     with pytest.raises(NodeInputError, match="RASGGuidance, input 'mask'"):
         guidance.execute(model=sd15, clip=clip, prompt="x", attention_resolution="1/32 (paper)",
                          mask=torch.zeros(1, 64, 64))
+
+
+def test_backward_covers_the_conditional_half_only(sd15, monkeypatch):
+    prepared = rasg.install(sd15, TOKENS)
+    unet = prepared.model.diffusion_model
+    calls = []
+    forward = unet.forward
+
+    def spy(x_, *a, **k):
+        calls.append((x_.shape[0], torch.is_grad_enabled(), tuple(k["transformer_options"]["cond_or_uncond"])))
+        return forward(x_, *a, **k)
+
+    monkeypatch.setattr(unet, "forward", spy)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * 3.0
+    OneCall(prepared).guided(x, 3.0)
+    # the guided call: positive with autograd, negative without; the two plain calls after it stay batched
+    assert calls[:2] == [(1, True, (0,)), (1, False, (1,))]
+    assert all(batch == 2 and not grad for batch, grad, _ in calls[2:])
