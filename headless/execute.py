@@ -127,6 +127,19 @@ def _progress_hook(server: HeadlessServer):
     return hook
 
 
+def release_models(executor) -> None:
+    """Free what a finished run holds: its node-output cache and every model ComfyUI loaded for it, so runs in
+    one process (batches, tests) do not pile up models; ComfyUI's server keeps them for the next prompt instead."""
+    import gc
+
+    import comfy.model_management
+
+    executor.reset()  # drops the node-output cache (and the status read above)
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+
+
 def run_prompt(prompt: dict, workflow: Mapping | None = None,
                on_message: Callable[[str, dict], None] | None = None) -> RunResult:
     """Validate and execute ``prompt``; return its outputs or raise :class:`RunError`."""
@@ -152,11 +165,14 @@ def run_prompt(prompt: dict, workflow: Mapping | None = None,
         executor.execute(prompt, prompt_id, extra_data, outputs)
     finally:
         comfy.utils.set_progress_bar_global_hook(previous_hook)
-    for event, data in executor.status_messages:
+        messages, success = list(executor.status_messages), executor.success
+        history = dict(getattr(executor, "history_result", None) or {})
+        release_models(executor)
+    for event, data in messages:
         if event == "execution_error":
             raise RunError(format_execution_error(prompt, data))
         if event == "execution_interrupted":
             raise RunInterrupted(f"Interrupted at node {data.get('node_id')} ({_title(prompt, data.get('node_id'))})")
-    if not executor.success:
+    if not success:
         raise RunError("ComfyUI reported failure without an error message")
-    return RunResult(prompt_id, executor.history_result.get("outputs", {}), server.messages)
+    return RunResult(prompt_id, history.get("outputs", {}), server.messages)

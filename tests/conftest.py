@@ -15,3 +15,19 @@ from headless import host  # noqa: E402
 
 host.start(base_directory=tempfile.mkdtemp(prefix="faithful-inpaint-tests-"))
 host.load_pack_nodes()
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_models_after_each_module():
+    """Full-size models loaded by a module's tests are let go before the next module (the suite runs in 24 GB)."""
+    yield
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
