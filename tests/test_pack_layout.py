@@ -50,3 +50,15 @@ def test_registry_metadata():
     assert "torch" not in deps
     reqs = (ROOT / "requirements.txt").read_text()
     assert all(name in reqs for name in ("safetensors", "transformers", "einops", "kornia", "accelerate"))
+
+
+def test_comfyui_path_selects_the_host(tmp_path):
+    code = ("import sys; sys.path.append(r'%s'); from headless import host; print(host.comfyui_path())" % ROOT)
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert pinned.returncode == 0 and pinned.stdout.strip().endswith("_comfyui")
+    env = {"COMFYUI_PATH": pinned.stdout.strip(), "PATH": "/usr/bin:/bin"}
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert chosen.stdout.strip() == pinned.stdout.strip()
+    env["COMFYUI_PATH"] = str(tmp_path)
+    wrong = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert wrong.returncode != 0 and "is not a ComfyUI checkout" in wrong.stderr
