@@ -6,8 +6,9 @@ Full-size random-weight SD1.5 inpainting UNet, SamplerCustom-equivalent sampling
 CFG, ddim_uniform sigmas, a centred square noise mask. Rows: plain DDIM (ComfyUI's euler =
 deterministic DDIM), RASG every step, RASG on the first half of the steps (the paper's suggested way to cut cost).
 The RASG model is prepared by RASGGuidance's code path (gradients enabled through weight wrappers, H/32 recorder).
-Each variant runs in its own process: its first sampling run gives the peak memory above the level before it (on a
-CPU, the resident set size; a warm process reuses freed memory and would show nothing), the next runs the time.
+Times are interleaved warm runs in one process (robust to slow drifts in machine load); memory is each variant's
+first run in its own process (on a CPU, the resident set size above the level before it: a warm process reuses
+freed memory and would show nothing).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from headless import host  # noqa: E402
 VARIANTS = ("plain DDIM", "RASG, every step", "RASG, first half")
 
 
-def run_one(variant, side, steps, repeats):
-    """In this process: the first (cold) sampling run gives the memory; after one more, ``repeats`` runs the time."""
+def setup(side, steps):
+    """The model, each variant's (model, sampler) and a sample(model, sampler) function."""
     host.start()
     host.load_pack_nodes()
     import comfy.sample
@@ -38,12 +39,13 @@ def run_one(variant, side, steps, repeats):
     from headless.random_models import build_model
 
     model = build_model("sd15", "full", inpaint=True)
-    if variant == "plain DDIM":
-        sampler = comfy.samplers.ksampler("euler")
-    else:
-        model = rasg.install(model, [1, 2, 3, 4])
-        sampler = comfy.samplers.KSAMPLER(rasg.sample_rasg, extra_options={
-            "eta": 0.15, "guide_end": 1.0 if variant == "RASG, every step" else 0.5})
+    prepared = rasg.install(model, [1, 2, 3, 4])
+    variants = {
+        "plain DDIM": (model, comfy.samplers.ksampler("euler")),
+        "RASG, every step": (prepared, comfy.samplers.KSAMPLER(rasg.sample_rasg, extra_options={"eta": 0.15})),
+        "RASG, first half": (prepared, comfy.samplers.KSAMPLER(rasg.sample_rasg, extra_options={
+            "eta": 0.15, "guide_end": 0.5})),
+    }
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(1, 77, 768, generator=g)
     positive, negative = [[ctx, {}]], [[torch.zeros_like(ctx), {}]]
@@ -53,15 +55,18 @@ def run_one(variant, side, steps, repeats):
     mask = torch.zeros(1, 1, side, side)
     mask[..., side // 4:3 * side // 4, side // 4:3 * side // 4] = 1
 
-    def sample():
+    def sample(m, sampler):
         with torch.inference_mode():  # as ComfyUI's executor runs every node
-            comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent,
+            comfy.sample.sample_custom(m, noise, 7.5, sampler, sigmas, positive, negative, latent,
                                        noise_mask=mask, seed=1, disable_pbar=True)
 
-    _, peak = measure(sample)
-    sample()  # the first runs after start-up are slower (allocator growth); time the ones after
-    times = [measure(sample)[0] / steps for _ in range(repeats)]
-    return {"time": statistics.median(times), "peak": peak}
+    return variants, sample
+
+
+def cold_peak(variant, side, steps):
+    """In a fresh process: peak memory of the variant's first sampling run, above the level before it."""
+    variants, sample = setup(side, steps)
+    return measure(lambda: sample(*variants[variant]))[1]
 
 
 def main():
@@ -69,26 +74,35 @@ def main():
     ap.add_argument("--size", type=int, nargs="+", default=[32], help="latent sides (image side / 8)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--peak-of", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args.size[0], args.steps, args.repeats)))
+    if args.peak_of:
+        print(json.dumps(cold_peak(args.peak_of, args.size[0], args.steps)))
         return
     print(f"# RASG benchmark: SD1.5 inpainting full-size random weights, {args.steps} steps, CFG 7.5, "
-          f"{device_name()}; each variant in its own process (memory: its first run, above the level before it)")
+          f"{device_name()}. Time: median of {args.repeats} interleaved warm runs in one process. Memory: each "
+          f"variant's first run in its own process, above the level before it.")
     print("| latent (image) | variant | s per step | ratio to DDIM | peak MiB | memory ratio |")
     print("|---|---|---|---|---|---|")
     for side in args.size:
-        results = {}
+        peaks = {}
         for variant in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--one", variant, "--size", str(side), "--steps",
-                                  str(args.steps), "--repeats", str(args.repeats)], capture_output=True, text=True,
-                                 check=True)
-            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        base = results["plain DDIM"]
-        for variant, r in results.items():
-            print(f"| {side}x{side} ({side * 8} px) | {variant} | {r['time']:.2f} | {r['time'] / base['time']:.2f} | "
-                  f"{r['peak'] / 2**20:.0f} | {r['peak'] / max(base['peak'], 1):.2f} |", flush=True)
+            out = subprocess.run([sys.executable, __file__, "--peak-of", variant, "--size", str(side), "--steps",
+                                  str(args.steps)], capture_output=True, text=True, check=True)
+            peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        variants, sample = setup(side, args.steps)
+        for pair in variants.values():  # warm-up (the first runs after start-up are slower)
+            sample(*pair)
+            sample(*pair)
+        times = {k: [] for k in variants}
+        for _ in range(args.repeats):
+            for name, pair in variants.items():
+                times[name].append(measure(lambda: sample(*pair))[0] / args.steps)
+        base_t, base_m = statistics.median(times["plain DDIM"]), peaks["plain DDIM"]
+        for name in variants:
+            t = statistics.median(times[name])
+            print(f"| {side}x{side} ({side * 8} px) | {name} | {t:.2f} | {t / base_t:.2f} | "
+                  f"{peaks[name] / 2**20:.0f} | {peaks[name] / max(base_m, 1):.2f} |", flush=True)
 
 
 if __name__ == "__main__":
