@@ -192,6 +192,58 @@ def profi_painter_hd(name):
                                              "steps": 2, "upscale_steps": 2}})
 
 
+def pilot_text(name):
+    """PILOT (text-guided): a plain SD1.5 checkpoint, the encoded image with its noise mask, the PILOT model patch and
+    the PILOT sampler (reference: 100 DDIM steps, optimise every 10 steps with 10 inner steps, lr 0.025, gamma 1)."""
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], "Load plain SD1.5 checkpoint",
+                  outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=0, row=0)
+    image = g.node("LoadImage", ["example.png", "image"], "Image", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                   col=0, row=1)
+    mask = g.node("LoadImageMask", ["example_mask.png", "red", "image"], "Mask (white = inpaint)",
+                  outputs=[("MASK", "MASK")], col=0, row=2)
+    pos = g.node("CLIPTextEncode", [PROMPT], "Prompt", inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=0)
+    neg = g.node("CLIPTextEncode", [NEGATIVE], "Negative", inputs=[("clip", "CLIP")],
+                 outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=1)
+    enc = g.node("VAEEncode", [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")],
+                 col=1, row=2)
+    noise_mask = g.node("SetLatentNoiseMask", [], inputs=[("samples", "LATENT"), ("mask", "MASK")],
+                        outputs=[("LATENT", "LATENT")], col=2, row=2)
+    guide = g.node("PILOTGuidance", [PROMPT, False], "PILOT guidance",
+                   inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=2, row=0)
+    sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.025, 0.008, 150.0, 1.0, 0.7],
+                     "PILOT sampler (reference text config)", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
+    sched = g.node("BasicScheduler", ["ddim_uniform", 100, 1.0], "Schedule (reference: 100 DDIM steps)",
+                   inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")], col=3, row=3)
+    sc = g.node("SamplerCustom", [True, 7, "fixed", 7.5], "Sample (CFG 7.5)",
+                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                        ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], col=4, row=1)
+    dec = g.node("VAEDecode", [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                 col=5, row=1)
+    comp = g.node("ImageCompositeMasked", [0, 0, False], "Paste into the original",
+                  inputs=[("destination", "IMAGE"), ("source", "IMAGE"), ("mask", "MASK")],
+                  outputs=[("IMAGE", "IMAGE")], col=6, row=1)
+    g.link(ckpt, 1, pos, "clip"), g.link(ckpt, 1, neg, "clip")
+    g.link(image, 0, enc, "pixels"), g.link(ckpt, 2, enc, "vae")
+    g.link(enc, 0, noise_mask, "samples"), g.link(mask, 0, noise_mask, "mask")
+    g.link(ckpt, 0, guide, "model"), g.link(ckpt, 1, guide, "clip")
+    g.link(guide, 0, sched, "model")
+    g.link(guide, 0, sc, "model"), g.link(pos, 0, sc, "positive"), g.link(neg, 0, sc, "negative")
+    g.link(sampler, 0, sc, "sampler"), g.link(sched, 0, sc, "sigmas"), g.link(noise_mask, 0, sc, "latent_image")
+    g.link(sc, 0, dec, "samples"), g.link(ckpt, 2, dec, "vae")
+    g.link(image, 0, comp, "destination"), g.link(dec, 0, comp, "source"), g.link(mask, 0, comp, "mask")
+    ids = {"ckpt": ckpt, "image": image, "mask": mask, "neg": neg, "prompt_targets": [[pos, "text"], [guide, "prompt"]],
+           "seed": [[sc, "noise_seed"]], "steps": [[sched, "steps"]], "result": comp}
+    save_result(g, ids)
+    ov = overrides(ids)
+    ov["pilot_inner_steps"] = [[sampler, "inner_steps"]]
+    # smoke: one inner step keeps the end-to-end run on random full-size weights (CPU) short
+    g.save(name, {"overrides": ov, "smoke": {"ckpt": "sd15", "image_size": [256, 256], "steps": 2,
+                                             "pilot_inner_steps": 1}})
+
+
 def _relink(g, link, new_src, new_slot):
     """Point an existing link at another source output."""
     old_src, old_slot = link[1], link[2]
@@ -209,6 +261,7 @@ def main():
     single_stage("profi_painter_ablation_painta.json", painta=True, rasg=False)
     single_stage("profi_painter_ablation_rasg.json", painta=False, rasg=True)
     profi_painter_hd("profi_painter_hd.json")
+    pilot_text("pilot_text.json")
 
 
 if __name__ == "__main__":
