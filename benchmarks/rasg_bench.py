@@ -82,8 +82,8 @@ def main():
     print(f"# RASG benchmark: SD1.5 inpainting full-size random weights, {args.steps} steps, CFG 7.5, "
           f"{device_name()}. Time: median of {args.repeats} interleaved warm runs in one process. Memory: each "
           f"variant's first run in its own process, above the level before it.")
-    print("| latent (image) | variant | s per step | ratio to DDIM | peak MiB | memory ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| latent (image) | variant | s per step | ratio to DDIM | peak MiB | memory ratio | runs (s per step) |")
+    print("|---|---|---|---|---|---|---|")
     for side in args.size:
         peaks = {}
         for variant in VARIANTS:
@@ -102,7 +102,8 @@ def main():
         for name in variants:
             t = statistics.median(times[name])
             print(f"| {side}x{side} ({side * 8} px) | {name} | {t:.2f} | {t / base_t:.2f} | "
-                  f"{peaks[name] / 2**20:.0f} | {peaks[name] / max(base_m, 1):.2f} |", flush=True)
+                  f"{peaks[name] / 2**20:.0f} | {peaks[name] / max(base_m, 1):.2f} | "
+                  f"{' '.join(f'{x:.2f}' for x in times[name])} |", flush=True)
 
 
 if __name__ == "__main__":
