@@ -50,33 +50,64 @@ class Graph:
         (HERE / name).write_text(json.dumps(wf, indent=1) + "\n")
 
 
-def inpaint_stage(g, painta: bool, rasg: bool | None, prompt_suffix=""):
-    """Stage 1 of every inpainting workflow. rasg=None: a plain KSampler graph; False/True: SamplerCustom with
-    DDIM or the RASG sampler (the paper's table 2 rows). Returns the node ids later stages and overrides need."""
-    ckpt = g.node("CheckpointLoaderSimple", ["sd-v1-5-inpainting.safetensors"], "Load inpainting checkpoint",
+def loaders(g, ckpt_name, ckpt_title, prompt=PROMPT):
+    """Checkpoint, image, mask (white = inpaint) and the two prompts, as every workflow here starts."""
+    ckpt = g.node("CheckpointLoaderSimple", [ckpt_name], ckpt_title,
                   outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=0, row=0)
     image = g.node("LoadImage", ["example.png", "image"], "Image", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
                    col=0, row=1)
     mask = g.node("LoadImageMask", ["example_mask.png", "red", "image"], "Mask (white = inpaint)",
                   outputs=[("MASK", "MASK")], col=0, row=2)
-    grow = g.node("GrowMask", [1, True], "Dilate mask 1 px (as the reference)", inputs=[("mask", "MASK")],
-                  outputs=[("MASK", "MASK")], col=1, row=2)
-    pos = g.node("CLIPTextEncode", [PROMPT + prompt_suffix], "Prompt", inputs=[("clip", "CLIP")],
+    pos = g.node("CLIPTextEncode", [prompt], "Prompt", inputs=[("clip", "CLIP")],
                  outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=0)
     neg = g.node("CLIPTextEncode", [NEGATIVE], "Negative", inputs=[("clip", "CLIP")],
                  outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=1)
+    g.link(ckpt, 1, pos, "clip"), g.link(ckpt, 1, neg, "clip")
+    return {"ckpt": ckpt, "image": image, "mask": mask, "pos": pos, "neg": neg, "prompt_targets": [[pos, "text"]]}
+
+
+def sample_custom(g, model_src, pos_src, neg_src, sampler, latent_src, steps, title):
+    """BasicScheduler (ddim_uniform) + SamplerCustom (CFG 7.5) around ``sampler``; returns (SamplerCustom, scheduler)."""
+    sched = g.node("BasicScheduler", ["ddim_uniform", steps, 1.0], title, inputs=[("model", "MODEL")],
+                   outputs=[("SIGMAS", "SIGMAS")], col=3, row=3)
+    sc = g.node("SamplerCustom", [True, 7, "fixed", 7.5], "Sample (CFG 7.5)",
+                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                        ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], col=4, row=1)
+    g.link(*model_src, sched, "model")
+    g.link(*model_src, sc, "model"), g.link(*pos_src, sc, "positive"), g.link(*neg_src, sc, "negative")
+    g.link(sampler, 0, sc, "sampler"), g.link(sched, 0, sc, "sigmas"), g.link(*latent_src, sc, "latent_image")
+    return sc, sched
+
+
+def decode_and_paste(g, latent_src, vae_src, image, mask):
+    """VAEDecode, then the result pasted into the original inside the mask; returns the composite node."""
+    dec = g.node("VAEDecode", [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
+                 col=5, row=1)
+    g.link(*latent_src, dec, "samples"), g.link(*vae_src, dec, "vae")
+    comp = g.node("ImageCompositeMasked", [0, 0, False], "Paste into the original",
+                  inputs=[("destination", "IMAGE"), ("source", "IMAGE"), ("mask", "MASK")],
+                  outputs=[("IMAGE", "IMAGE")], col=6, row=1)
+    g.link(image, 0, comp, "destination"), g.link(dec, 0, comp, "source"), g.link(mask, 0, comp, "mask")
+    return comp
+
+
+def inpaint_stage(g, painta: bool, rasg: bool | None, prompt_suffix=""):
+    """Stage 1 of every inpainting workflow. rasg=None: a plain KSampler graph; False/True: SamplerCustom with
+    DDIM or the RASG sampler (the paper's table 2 rows). Returns the node ids later stages and overrides need."""
+    ids = loaders(g, "sd-v1-5-inpainting.safetensors", "Load inpainting checkpoint", PROMPT + prompt_suffix)
+    ckpt, image, mask, pos, neg = (ids[k] for k in ("ckpt", "image", "mask", "pos", "neg"))
+    grow = g.node("GrowMask", [1, True], "Dilate mask 1 px (as the reference)", inputs=[("mask", "MASK")],
+                  outputs=[("MASK", "MASK")], col=1, row=2)
+    ids["grow"] = grow
     cond = g.node("InpaintModelConditioning", [True], inputs=[("positive", "CONDITIONING"),
                   ("negative", "CONDITIONING"), ("vae", "VAE"), ("pixels", "IMAGE"), ("mask", "MASK")],
                   outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
                   col=2, row=1)
-    for a, b in [(ckpt, pos), (ckpt, neg)]:
-        g.link(a, 1, b, "clip")
     g.link(mask, 0, grow, "mask")
     g.link(pos, 0, cond, "positive"), g.link(neg, 0, cond, "negative"), g.link(ckpt, 2, cond, "vae")
     g.link(image, 0, cond, "pixels"), g.link(grow, 0, cond, "mask")
     model_src = (ckpt, 0)
-    ids = {"ckpt": ckpt, "image": image, "mask": mask, "grow": grow, "pos": pos, "neg": neg,
-           "prompt_targets": [[pos, "text"]]}
     if painta:
         pa = g.node("PAIntAPatch", [PROMPT, False, True, True, False, 0.0, 0.5, 0.7071], "PAIntA",
                     inputs=[("model", "MODEL"), ("clip", "CLIP"), ("mask", "MASK")],
@@ -105,23 +136,10 @@ def inpaint_stage(g, painta: bool, rasg: bool | None, prompt_suffix=""):
                              outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
         else:
             sampler = g.node("KSamplerSelect", ["ddim"], "DDIM", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
-        sched = g.node("BasicScheduler", ["ddim_uniform", 50, 1.0], "Schedule (paper: 50 DDIM steps)",
-                       inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")], col=3, row=3)
-        g.link(*model_src, sched, "model")
-        sc = g.node("SamplerCustom", [True, 7, "fixed", 7.5], "Sample (CFG 7.5)",
-                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                            ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
-                    outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], col=4, row=1)
-        g.link(*model_src, sc, "model"), g.link(cond, 0, sc, "positive"), g.link(cond, 1, sc, "negative")
-        g.link(sampler, 0, sc, "sampler"), g.link(sched, 0, sc, "sigmas"), g.link(cond, 2, sc, "latent_image")
+        sc, sched = sample_custom(g, model_src, (cond, 0), (cond, 1), sampler, (cond, 2), 50,
+                                  "Schedule (paper: 50 DDIM steps)")
         ids.update(seed=[[sc, "noise_seed"]], steps=[[sched, "steps"]], latent=(sc, 0))
-    dec = g.node("VAEDecode", [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 col=5, row=1)
-    g.link(*ids["latent"], dec, "samples"), g.link(ckpt, 2, dec, "vae")
-    comp = g.node("ImageCompositeMasked", [0, 0, False], "Paste into the original",
-                  inputs=[("destination", "IMAGE"), ("source", "IMAGE"), ("mask", "MASK")],
-                  outputs=[("IMAGE", "IMAGE")], col=6, row=1)
-    g.link(image, 0, comp, "destination"), g.link(dec, 0, comp, "source"), g.link(grow, 0, comp, "mask")
+    comp = decode_and_paste(g, ids["latent"], (ckpt, 2), image, grow)
     ids["result"] = comp
     return ids
 
@@ -196,16 +214,8 @@ def pilot_text(name):
     """PILOT (text-guided): a plain SD1.5 checkpoint, the encoded image with its noise mask, the PILOT model patch and
     the PILOT sampler (reference: 100 DDIM steps, optimise every 10 steps with 10 inner steps, lr 0.025, gamma 1)."""
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], "Load plain SD1.5 checkpoint",
-                  outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=0, row=0)
-    image = g.node("LoadImage", ["example.png", "image"], "Image", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
-                   col=0, row=1)
-    mask = g.node("LoadImageMask", ["example_mask.png", "red", "image"], "Mask (white = inpaint)",
-                  outputs=[("MASK", "MASK")], col=0, row=2)
-    pos = g.node("CLIPTextEncode", [PROMPT], "Prompt", inputs=[("clip", "CLIP")],
-                 outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=0)
-    neg = g.node("CLIPTextEncode", [NEGATIVE], "Negative", inputs=[("clip", "CLIP")],
-                 outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=1)
+    ids = loaders(g, "v1-5-pruned-emaonly.safetensors", "Load plain SD1.5 checkpoint")
+    ckpt, image, mask = ids["ckpt"], ids["image"], ids["mask"]
     enc = g.node("VAEEncode", [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")],
                  col=1, row=2)
     noise_mask = g.node("SetLatentNoiseMask", [], inputs=[("samples", "LATENT"), ("mask", "MASK")],
@@ -214,28 +224,14 @@ def pilot_text(name):
                    inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=2, row=0)
     sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.025, 0.008, 150.0, 1.0, 0.7],
                      "PILOT sampler (reference text config)", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
-    sched = g.node("BasicScheduler", ["ddim_uniform", 100, 1.0], "Schedule (reference: 100 DDIM steps)",
-                   inputs=[("model", "MODEL")], outputs=[("SIGMAS", "SIGMAS")], col=3, row=3)
-    sc = g.node("SamplerCustom", [True, 7, "fixed", 7.5], "Sample (CFG 7.5)",
-                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                        ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
-                outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], col=4, row=1)
-    dec = g.node("VAEDecode", [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
-                 col=5, row=1)
-    comp = g.node("ImageCompositeMasked", [0, 0, False], "Paste into the original",
-                  inputs=[("destination", "IMAGE"), ("source", "IMAGE"), ("mask", "MASK")],
-                  outputs=[("IMAGE", "IMAGE")], col=6, row=1)
-    g.link(ckpt, 1, pos, "clip"), g.link(ckpt, 1, neg, "clip")
     g.link(image, 0, enc, "pixels"), g.link(ckpt, 2, enc, "vae")
     g.link(enc, 0, noise_mask, "samples"), g.link(mask, 0, noise_mask, "mask")
     g.link(ckpt, 0, guide, "model"), g.link(ckpt, 1, guide, "clip")
-    g.link(guide, 0, sched, "model")
-    g.link(guide, 0, sc, "model"), g.link(pos, 0, sc, "positive"), g.link(neg, 0, sc, "negative")
-    g.link(sampler, 0, sc, "sampler"), g.link(sched, 0, sc, "sigmas"), g.link(noise_mask, 0, sc, "latent_image")
-    g.link(sc, 0, dec, "samples"), g.link(ckpt, 2, dec, "vae")
-    g.link(image, 0, comp, "destination"), g.link(dec, 0, comp, "source"), g.link(mask, 0, comp, "mask")
-    ids = {"ckpt": ckpt, "image": image, "mask": mask, "neg": neg, "prompt_targets": [[pos, "text"], [guide, "prompt"]],
-           "seed": [[sc, "noise_seed"]], "steps": [[sched, "steps"]], "result": comp}
+    sc, sched = sample_custom(g, (guide, 0), (ids["pos"], 0), (ids["neg"], 0), sampler, (noise_mask, 0), 100,
+                              "Schedule (reference: 100 DDIM steps)")
+    ids.update(seed=[[sc, "noise_seed"]], steps=[[sched, "steps"]],
+               result=decode_and_paste(g, (sc, 0), (ckpt, 2), image, mask))
+    ids["prompt_targets"].append([guide, "prompt"])
     save_result(g, ids)
     ov = overrides(ids)
     ov["pilot_inner_steps"] = [[sampler, "inner_steps"]]
