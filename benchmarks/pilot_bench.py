@@ -18,9 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
+from benchmarks._case import inpaint_case  # noqa: E402
 from benchmarks._measure import device_name, measure  # noqa: E402
 from headless import host  # noqa: E402
 
@@ -31,7 +31,6 @@ VARIANTS = {"plain": None, "PILOT reference": {"every": 10, "inner_steps": 10},
 def setup(side, steps):
     host.start()
     host.load_pack_nodes()
-    import comfy.sample
     import comfy.samplers
     from faithful_inpaint.patching import pilot
     from headless.random_models import build_model
@@ -41,20 +40,7 @@ def setup(side, steps):
     variants = {name: (model, comfy.samplers.ksampler("euler")) if opts is None else
                 (prepared, comfy.samplers.KSAMPLER(pilot.sample_pilot, extra_options=opts))
                 for name, opts in VARIANTS.items()}
-    g = torch.Generator().manual_seed(0)
-    ctx = torch.randn(1, 77, 768, generator=g)
-    positive, negative = [[ctx, {}]], [[torch.zeros_like(ctx), {}]]
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
-    latent = torch.randn(1, 4, side, side, generator=g)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
-    mask = torch.zeros(1, 1, side, side)
-    mask[..., side // 4:3 * side // 4, side // 4:3 * side // 4] = 1
-
-    def sample(m, sampler):
-        with torch.inference_mode():  # as ComfyUI's executor runs every node
-            comfy.sample.sample_custom(m, noise, 7.5, sampler, sigmas, positive, negative, latent,
-                                       noise_mask=mask, seed=1, disable_pbar=True)
-
+    sample = inpaint_case(model, side, steps)
     return variants, sample
 
 

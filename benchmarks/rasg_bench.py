@@ -19,9 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
+from benchmarks._case import inpaint_case  # noqa: E402
 from benchmarks._measure import device_name, measure  # noqa: E402
 from headless import host  # noqa: E402
 
@@ -33,7 +33,6 @@ def setup(side, steps):
     """The model, each variant's (model, sampler) and a sample(model, sampler) function."""
     host.start()
     host.load_pack_nodes()
-    import comfy.sample
     import comfy.samplers
     from faithful_inpaint.patching import rasg
     from headless.random_models import build_model
@@ -46,20 +45,7 @@ def setup(side, steps):
         "RASG, first half": (prepared, comfy.samplers.KSAMPLER(rasg.sample_rasg, extra_options={
             "eta": 0.15, "guide_end": 0.5})),
     }
-    g = torch.Generator().manual_seed(0)
-    ctx = torch.randn(1, 77, 768, generator=g)
-    positive, negative = [[ctx, {}]], [[torch.zeros_like(ctx), {}]]
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
-    latent = torch.zeros(1, 4, side, side)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
-    mask = torch.zeros(1, 1, side, side)
-    mask[..., side // 4:3 * side // 4, side // 4:3 * side // 4] = 1
-
-    def sample(m, sampler):
-        with torch.inference_mode():  # as ComfyUI's executor runs every node
-            comfy.sample.sample_custom(m, noise, 7.5, sampler, sigmas, positive, negative, latent,
-                                       noise_mask=mask, seed=1, disable_pbar=True)
-
+    sample = inpaint_case(model, side, steps)
     return variants, sample
 
 
