@@ -28,6 +28,13 @@ def prompt_token_indices(windows: Sequence[Sequence[object]], end_token: int) ->
     return indices
 
 
+def word_token_indices(windows: Sequence[Sequence[object]], end_token: int) -> list[int]:
+    """The word tokens alone: ind(tau) without the EOTs (what PILOT's semantic loss reads)."""
+    flat = [token for window in windows for token in window]
+    return [i for i in prompt_token_indices(windows, end_token)
+            if not (isinstance(flat[i], int) and flat[i] == end_token)]
+
+
 def word_count(windows: Sequence[Sequence[object]], end_token: int) -> int:
     """Number of word tokens (EOTs excluded): 0 for an empty prompt."""
-    return len(prompt_token_indices(windows, end_token)) - len(windows)
+    return len(word_token_indices(windows, end_token))

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..patching import family, pilot
 from ..patching.errors import NodeInputError
+from ..patching.prompt import token_positions
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class PILOTGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompt, semantic_boundary_control) -> io.NodeOutput:
         family.detect(model, pilot.GUIDANCE_NODE)
-        indices = pilot.word_token_indices(clip, prompt)
+        _, _, indices = token_positions(clip, prompt)
         if not indices:
             log.warning("[Faithful Inpaint] %s: the prompt has no word token; PILOT will optimise the background "
                         "loss only.", pilot.GUIDANCE_NODE)

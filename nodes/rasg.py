@@ -48,7 +48,7 @@ class RASGGuidance(io.ComfyNode):
         if attention_resolution not in LEVELS:
             raise NodeInputError(GUIDANCE_ID, "attention_resolution", f"expected one of {list(LEVELS)}")
         _, indices, words = token_positions(clip, prompt)
-        if words == 0:
+        if not words:
             log.warning("[Faithful Inpaint] %s: the prompt is empty; RASG will pull only the end-of-text token's "
                         "attention into the mask.", GUIDANCE_ID)
         m = None

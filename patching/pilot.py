@@ -140,18 +140,6 @@ def _boundary_override(guide: PILOTGuide, prior, layer_options):
     return override
 
 
-def word_token_indices(clip, prompt: str) -> list[int]:
-    """Context positions of the prompt's word tokens (SOT, EOT and padding excluded), over all 77-token windows."""
-    from .prompt import CLIP_END_TOKEN, token_positions
-
-    tokens, indices, _ = token_positions(clip, prompt)
-    key = "l" if "l" in tokens else next(iter(tokens))
-    sub = getattr(clip.tokenizer, f"clip_{key}", None)
-    end_token = getattr(sub, "end_token", None) or CLIP_END_TOKEN
-    flat = [tok for window in tokens[key] for tok, *_ in window]
-    return [i for i in indices if not (isinstance(flat[i], int) and flat[i] == end_token)]
-
-
 def _guide(extra_args) -> PILOTGuide:
     guide = extra_args.get("model_options", {}).get(GUIDE_KEY)
     if guide is None:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.tokens import prompt_token_indices, word_count
+from ..kernels.tokens import prompt_token_indices, word_token_indices
 from .errors import NodeInputError
 
 CLIP_END_TOKEN = 49407
@@ -23,14 +23,14 @@ class RegionPrompt:
         return self.words == 0
 
 
-def token_positions(clip, text: str) -> tuple[dict, list[int], int]:
-    """Tokenize ``text``: (ComfyUI tokens, ind(tau), number of word tokens)."""
+def token_positions(clip, text: str) -> tuple[dict, list[int], list[int]]:
+    """Tokenize ``text``: (ComfyUI tokens, ind(tau), the word tokens alone)."""
     tokens = clip.tokenize(text)
     key = "l" if "l" in tokens else next(iter(tokens))
     sub = getattr(clip.tokenizer, f"clip_{key}", None)
     end_token = getattr(sub, "end_token", None) or CLIP_END_TOKEN
     windows = [[tok for tok, *_ in window] for window in tokens[key]]
-    return tokens, prompt_token_indices(windows, end_token), word_count(windows, end_token)
+    return tokens, prompt_token_indices(windows, end_token), word_token_indices(windows, end_token)
 
 
 def encode(clip, text: str, node: str, expected_dim: int | None = None, input_name: str = "clip") -> RegionPrompt:
@@ -40,4 +40,4 @@ def encode(clip, text: str, node: str, expected_dim: int | None = None, input_na
     if expected_dim is not None and context.shape[-1] != expected_dim:
         raise NodeInputError(node, input_name, f"this CLIP gives {context.shape[-1]}-wide text embeddings but the "
                              f"model's cross-attention expects {expected_dim}: use the CLIP of the same checkpoint.")
-    return RegionPrompt(text, context, indices, words)
+    return RegionPrompt(text, context, indices, len(words))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from faithful_inpaint.kernels import batch, masks
-from faithful_inpaint.kernels.tokens import prompt_token_indices, word_count
+from faithful_inpaint.kernels.tokens import prompt_token_indices, word_count, word_token_indices
 
 
 # -- ind(tau) ------------------------------------------------------------------------------------------------
@@ -18,6 +18,7 @@ def test_sd1_clip_l_words_plus_eot():
     windows = _windows(tok.tokenize_with_weights("a red circle"), "l")
     assert windows[0][:5] == [49406, 320, 736, 7117, 49407]       # SOT a red circle EOT, then EOT padding
     assert prompt_token_indices(windows, 49407) == [1, 2, 3, 4]
+    assert word_token_indices(windows, 49407) == [1, 2, 3]
     assert word_count(windows, 49407) == 3
 
 
