@@ -1,12 +1,14 @@
-"""ComfyUI adapters: one module per mechanism, all registered through one V3 extension."""
+"""ComfyUI adapters: one module per mechanism, all registered through one V3 extension.
+
+Each module lists its nodes in ``NODES``; adding a module here is the one step that registers it.
+"""
 from comfy_api.latest import ComfyExtension
 
-from .painta import PAIntAPatch
-from .pilot import PILOTGuidance, PILOTSampler
-from .rasg import RASGGuidance, RASGSampler
-from .upscale import InpaintConditionalUpscale
+from . import painta, pilot, rasg, upscale
+
+MODULES = (painta, rasg, upscale, pilot)
 
 
 class FaithfulInpaintExtension(ComfyExtension):
     async def get_node_list(self):
-        return [PAIntAPatch, RASGGuidance, RASGSampler, InpaintConditionalUpscale, PILOTGuidance, PILOTSampler]
+        return [node for module in MODULES for node in module.NODES]

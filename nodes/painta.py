@@ -94,3 +94,6 @@ def prompt_encode(clip, text: str, fam: family.ModelFamily):
     if clip is None:
         raise NodeInputError(NODE_ID, "clip", "no CLIP given; connect the CLIP output of your checkpoint loader.")
     return prompt.encode(clip, text, NODE_ID, expected_dim=fam.context_dim)
+
+
+NODES = [PAIntAPatch]

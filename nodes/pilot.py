@@ -100,3 +100,6 @@ class PILOTSampler(io.ComfyNode):
                    "coef": coef, "gamma": gamma, "momentum": momentum}
         options.update(PRESETS[preset] or {})
         return io.NodeOutput(comfy.samplers.KSAMPLER(pilot.sample_pilot, extra_options=options))
+
+
+NODES = [PILOTGuidance, PILOTSampler]

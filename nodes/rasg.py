@@ -96,3 +96,6 @@ class RASGSampler(io.ComfyNode):
         sampler = comfy.samplers.KSAMPLER(rasg.sample_rasg, extra_options={
             "eta": eta, "sigma_rule": SIGMA_RULES[sigma_rule], "guide_start": guide_start, "guide_end": guide_end})
         return io.NodeOutput(sampler)
+
+
+NODES = [RASGGuidance, RASGSampler]

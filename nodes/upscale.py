@@ -359,3 +359,6 @@ def conditional_upscale(model, vae, positive, negative, image, mask, low_res, *,
                                                align_corners=False)[:, 0, :height, :width].cpu()
     preview = torch.stack([m[:, 0].cpu(), blend_hr.clamp(0, 1), regions.float()], dim=-1)
     return UpscaleResult(image=out, preview=preview, generated=decoded, region=regions)
+
+
+NODES = [InpaintConditionalUpscale]

@@ -8,10 +8,13 @@ workflow declares the runner's override targets and smoke-mode models in ``extra
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # lets workflows/build_<mechanism>.py import these helpers as `build`
 
 NEGATIVE = "blurry, low quality, deformed, watermark"
 PROMPT = "a blue vase with flowers"
@@ -258,6 +261,12 @@ def main():
     single_stage("profi_painter_ablation_rasg.json", painta=False, rasg=True)
     profi_painter_hd("profi_painter_hd.json")
     pilot_text("pilot_text.json")
+    # Each further mechanism keeps its graphs in workflows/build_<mechanism>.py with a build() of its own.
+    for path in sorted(HERE.glob("build_*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.build()
 
 
 if __name__ == "__main__":
