@@ -12,7 +12,8 @@ c_j comes from the following cross-attention layer: s_j = sum over the prompt to
 softmax(q_c k_c^T / sqrt(d))_jk (averaged over heads, fp32), smoothed on the h x w grid, then
 c = clip((s - median(s)) / max(s), 0, 1) per sample (sec. 3.3, as in the reference implementation).
 
-Shapes: q, k, v are [B, N, heads * d]; masks and c are [B, N] with N = h * w.
+Shapes: q is [B, N, heads * d], k and v [B, N + extra, heads * d] (keys appended by other patches come after the
+image's own); masks and c are [B, N] with N = h * w.
 """
 from __future__ import annotations
 
@@ -92,5 +93,8 @@ def painta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     masked = query_mask.to(torch.bool)
     # Known keys scaled by c_j, masked keys unchanged: q_i . (c_j k_j) = c_j (q_i . k_j) for masked rows i.
     key_scale = torch.where(masked, torch.ones_like(relevance), relevance).to(k.dtype)
+    # Keys another patch appended after this image's N pixels (e.g. RefineNet's subject features) are not pixels
+    # of the known region: eq. (5) leaves them unscaled.
+    key_scale = F.pad(key_scale, (0, k.shape[1] - key_scale.shape[1]), value=1.0)
     introverted = attention(q, k * key_scale[..., None], v, heads)
     return torch.where(masked[..., None], introverted, plain)

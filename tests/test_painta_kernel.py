@@ -37,6 +37,19 @@ def test_linear_memory_form_equals_dense_eq5(dtype, tol):
     torch.testing.assert_close(ours.float(), ref, atol=tol, rtol=tol)
 
 
+def test_keys_appended_by_other_patches_are_left_unscaled():
+    """RefineNet-style patches append keys/values after the image's own: eq. (5) scales only known pixels."""
+    q, k, v, heads, c, mask = random_case()
+    g = torch.Generator().manual_seed(5)
+    k_extra, v_extra = (torch.randn(k.shape[0], 7, k.shape[2], generator=g) for _ in range(2))
+    ours = painta.painta_attention(q, torch.cat([k, k_extra], 1), torch.cat([v, v_extra], 1), heads, c, mask)
+    # the dense form with the appended keys counted as masked (never scaled) pixels
+    ones = torch.ones(c.shape[0], 7)
+    ref_all = dense_painta(torch.cat([q, torch.zeros_like(k_extra)], 1), torch.cat([k, k_extra], 1),
+                           torch.cat([v, v_extra], 1), heads, torch.cat([c, ones], 1), torch.cat([mask, ones], 1))
+    torch.testing.assert_close(ours, ref_all[:, :q.shape[1]], atol=1e-5, rtol=1e-5)
+
+
 def test_relevance_one_everywhere_is_plain_attention_exactly():
     q, k, v, heads, _, mask = random_case()
     ones = torch.ones(mask.shape)
