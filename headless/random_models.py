@@ -108,13 +108,17 @@ def build_model(family: str = "sd15", size: str = "tiny", inpaint: bool = False,
 def _randomise(model, seed: int) -> None:
     """Give every parameter small random values (ComfyUI's ops skip initialisation, leaving them empty)."""
     gen = torch.Generator().manual_seed(seed)
+    # Normalisation gains near 1, found by module type: many of ComfyUI's GroupNorms have no "norm" in their name
+    # (in_layers.0, out_layers.0, out.0), and gains near 0 would make the output almost independent of the input.
+    norm_gains = {f"{module_name}.weight" for module_name, module in model.named_modules()
+                  if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
     for name, p in model.named_parameters():
         if p.numel() == 0:
             continue
         fan_in = p[0].numel() if p.dim() > 1 else 1
         if name.endswith("bias") or p.dim() == 1:
             val = torch.randn(p.shape, generator=gen) * 0.02
-            if "norm" in name and name.endswith("weight"):
+            if name in norm_gains or ("norm" in name and name.endswith("weight")):
                 val = val + 1.0
         else:
             val = torch.randn(p.shape, generator=gen) / max(fan_in, 1) ** 0.5

@@ -5,12 +5,15 @@ import torch
 
 
 def forward(model, x, sigma: float, context, cond_or_uncond=(0, 1), concat=None, y=None):
-    """Run ``model`` (a ModelPatcher) once, the way calc_cond_batch does: its transformer_options (patches
-    included) plus cond_or_uncond and sigmas. ``x``/``context`` hold all chunks stacked along the batch."""
+    """Run ``model`` (a ModelPatcher) once, the way sampling does: its transformer_options (patches included) with
+    the patcher's wrappers merged in (sampler_helpers.prepare_model_patcher), plus cond_or_uncond and sigmas.
+    ``x``/``context`` hold all chunks stacked along the batch."""
     import comfy.model_management
+    import comfy.patcher_extension
 
     comfy.model_management.load_models_gpu([model])
     to = model.model_options["transformer_options"].copy()
+    to["wrappers"] = comfy.patcher_extension.merge_nested_dicts(to.get("wrappers", {}), model.wrappers)
     to["cond_or_uncond"] = list(cond_or_uncond)
     sigmas = torch.full((x.shape[0],), float(sigma))
     to["sigmas"] = sigmas
