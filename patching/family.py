@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .errors import NodeInputError
 
-_BY_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+FAMILY_BY_CONTEXT_WIDTH = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,11 @@ def detect(model, node: str, input_name: str = "model") -> ModelFamily:
     uc = base.model_config.unet_config
     if uc.get("use_temporal_attention") or uc.get("use_temporal_resblock"):
         raise NodeInputError(node, input_name, f"video UNets ({config_name}) are not supported.")
-    if context_dim not in _BY_CONTEXT:
+    if context_dim not in FAMILY_BY_CONTEXT_WIDTH:
         raise NodeInputError(node, input_name, f"{config_name} (text width {context_dim}) is not supported; "
                              "use an SD1.x, SD2.x or SDXL model.")
     return ModelFamily(
-        name=_BY_CONTEXT[context_dim],
+        name=FAMILY_BY_CONTEXT_WIDTH[context_dim],
         context_dim=context_dim,
         in_channels=int(uc.get("in_channels", 4)),
         v_prediction=base.model_type == ModelType.V_PREDICTION,
