@@ -7,7 +7,9 @@ optimisation schedule is kept proportional to the reference's 100-step run: "ref
 with 10 inner steps (one forward+backward per sampling step), "fast" every 20 steps with 5 inner steps (a quarter
 of that); with --steps 20 that is 20 and 5 gradient passes. gamma 1 (text configuration: the whole schedule).
 Time: median of interleaved warm runs in one process; memory: each variant's first run in its own process, above
-the level before it (CPU: resident set size).
+the level before it (CPU: resident set size). ``--with-wrappers`` adds, for an A/B in the same run, the reference
+schedule with the previous way of making inference-tensor weights usable in autograd (a weight wrapper on every
+UNet weight: every forward copies every weight; see benchmarks/rasg_bench.py).
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ from headless import host  # noqa: E402
 
 VARIANTS = {"plain": None, "PILOT reference": {"every": 10, "inner_steps": 10},
             "PILOT fast": {"every": 20, "inner_steps": 5}}
+WRAPPED = "PILOT reference, per-forward weight copies (previous method)"
 
 
-def setup(side, steps):
+def setup(side, steps, wrappers=False):
     host.start()
     host.load_pack_nodes()
     import comfy.samplers
@@ -40,6 +43,10 @@ def setup(side, steps):
     variants = {name: (model, comfy.samplers.ksampler("euler")) if opts is None else
                 (prepared, comfy.samplers.KSAMPLER(pilot.sample_pilot, extra_options=opts))
                 for name, opts in VARIANTS.items()}
+    if wrappers:
+        from benchmarks.rasg_bench import with_weight_copies
+
+        variants[WRAPPED] = (with_weight_copies(prepared), variants["PILOT reference"][1])
     sample = inpaint_case(model, side, steps)
     return variants, sample
 
@@ -49,10 +56,11 @@ def main():
     ap.add_argument("--size", type=int, default=32, help="latent side (image side / 8)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--peak-of", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    ap.add_argument("--with-wrappers", action="store_true", help="add the previous method's row (A/B)")
+    ap.add_argument("--peak-of", choices=list(VARIANTS) + [WRAPPED], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_of:
-        variants, sample = setup(args.size, args.steps)
+        variants, sample = setup(args.size, args.steps, wrappers=args.peak_of == WRAPPED)
         print(json.dumps(measure(lambda: sample(*variants[args.peak_of]))[1]))
         return
     print(f"# PILOT benchmark: SD1.5 full-size random weights, {args.steps} steps, CFG 7.5, {device_name()}. "
@@ -60,11 +68,11 @@ def main():
     print("| latent (image) | variant | total s | ratio to plain | peak MiB | memory ratio |")
     print("|---|---|---|---|---|---|")
     peaks = {}
-    for name in VARIANTS:
+    for name in list(VARIANTS) + ([WRAPPED] if args.with_wrappers else []):
         out = subprocess.run([sys.executable, __file__, "--peak-of", name, "--size", str(args.size), "--steps",
                               str(args.steps)], capture_output=True, text=True, check=True)
         peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    variants, sample = setup(args.size, args.steps)
+    variants, sample = setup(args.size, args.steps, args.with_wrappers)
     for pair in variants.values():  # warm-up
         sample(*pair)
     times = {k: [] for k in variants}

@@ -5,7 +5,9 @@
 Full-size random-weight SD1.5 inpainting UNet, SamplerCustom-equivalent sampling (comfy.sample.sample_custom) with
 CFG, ddim_uniform sigmas, a centred square noise mask. Rows: plain DDIM (ComfyUI's euler =
 deterministic DDIM), RASG every step, RASG on the first half of the steps (the paper's suggested way to cut cost).
-The RASG model is prepared by RASGGuidance's code path (gradients enabled through weight wrappers, H/32 recorder).
+The RASG model is prepared by RASGGuidance's code path (inference-tensor weights converted once per sampling run,
+H/32 recorder). ``--with-wrappers`` adds the previous method for an A/B in the same run: the same model with a
+weight wrapper on every UNet weight (``add_weight_wrapper``), which copies every weight in every forward.
 Times are interleaved warm runs in one process (robust to slow drifts in machine load); memory is each variant's
 first run in its own process (on a CPU, the resident set size above the level before it: a warm process reuses
 freed memory and would show nothing).
@@ -27,9 +29,19 @@ from headless import host  # noqa: E402
 
 
 VARIANTS = ("plain DDIM", "RASG, every step", "RASG, first half")
+WRAPPED = "RASG, every step, per-forward weight copies (previous method)"
 
 
-def setup(side, steps):
+def with_weight_copies(model):
+    """The previous way to make inference-tensor weights usable in autograd: a weight wrapper on every UNet weight
+    (ComfyUI's cast then copies each weight in every forward). Kept here for the A/B only."""
+    clone = model.clone()
+    for name, _ in clone.get_model_object("diffusion_model").named_parameters():
+        clone.add_weight_wrapper(f"diffusion_model.{name}", lambda w: w.detach())
+    return clone
+
+
+def setup(side, steps, wrappers=False):
     """The model, each variant's (model, sampler) and a sample(model, sampler) function."""
     host.start()
     host.load_pack_nodes()
@@ -45,13 +57,15 @@ def setup(side, steps):
         "RASG, first half": (prepared, comfy.samplers.KSAMPLER(rasg.sample_rasg, extra_options={
             "eta": 0.15, "guide_end": 0.5})),
     }
+    if wrappers:
+        variants[WRAPPED] = (with_weight_copies(prepared), variants["RASG, every step"][1])
     sample = inpaint_case(model, side, steps)
     return variants, sample
 
 
 def cold_peak(variant, side, steps):
     """In a fresh process: peak memory of the variant's first sampling run, above the level before it."""
-    variants, sample = setup(side, steps)
+    variants, sample = setup(side, steps, wrappers=variant == WRAPPED)
     return measure(lambda: sample(*variants[variant]))[1]
 
 
@@ -60,7 +74,8 @@ def main():
     ap.add_argument("--size", type=int, nargs="+", default=[32], help="latent sides (image side / 8)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--peak-of", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--with-wrappers", action="store_true", help="add the previous method's row (A/B)")
+    ap.add_argument("--peak-of", choices=VARIANTS + (WRAPPED,), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_of:
         print(json.dumps(cold_peak(args.peak_of, args.size[0], args.steps)))
@@ -72,11 +87,11 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for side in args.size:
         peaks = {}
-        for variant in VARIANTS:
+        for variant in VARIANTS + ((WRAPPED,) if args.with_wrappers else ()):
             out = subprocess.run([sys.executable, __file__, "--peak-of", variant, "--size", str(side), "--steps",
                                   str(args.steps)], capture_output=True, text=True, check=True)
             peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        variants, sample = setup(side, args.steps)
+        variants, sample = setup(side, args.steps, args.with_wrappers)
         for pair in variants.values():  # warm-up (the first runs after start-up are slower)
             sample(*pair)
             sample(*pair)

@@ -44,7 +44,10 @@ def centralisation_loss(probs: torch.Tensor, fg: torch.Tensor, word_indices: Seq
 
     [notes: "Semantic centralisation loss per cross-attention layer: R - I, R = mean attention mass of word tokens
     over background pixels, I = same over foreground pixels (post-softmax, SOT/EOT/padding excluded)"].
-    probs: post-softmax [B, (heads,) N, L]; fg: [B, N] binary foreground of the layer's query pixels;
+    Paper eqs. (12)-(14) (R^l, I^l and L_s; their symbols are lost in our copy of the text). probs: post-softmax
+    [B, (heads,) N, L], read BEFORE semantic boundary control (eq. 16), as the reference code reads them: after
+    it, R would be 0 by construction (patching/pilot.py explains the choice); fg: [B, N] binary foreground of
+    the layer's query pixels (PILOT passes :func:`fully_foreground`, the map boundary control also uses);
     word_indices: the prompt's word-token columns only. The "attention mass" of a pixel is the sum of its
     probabilities over the word tokens (averaged over heads); R and I average it over the pixels of each region
     (a region with no pixel contributes 0).

@@ -35,9 +35,11 @@ class PILOTGuidance(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="The prompt of the masked region (usually the positive prompt); its word "
                                         "tokens' attention is pulled into the mask."),
-                io.Boolean.Input("semantic_boundary_control", default=False,
+                io.Boolean.Input("semantic_boundary_control", default=True,
                                  tooltip="Zero the word tokens' attention outside the fully masked latent pixels "
-                                         "(every layer, both CFG halves, while the PILOT sampler runs)."),
+                                         "(every layer, both CFG halves, while the PILOT sampler runs). On in the "
+                                         "reference code and in the paper's full method; the loss reads the "
+                                         "attention before it."),
             ],
             outputs=[io.Model.Output()],
         )

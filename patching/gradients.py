@@ -1,23 +1,29 @@
 """Model calls with gradients w.r.t. x_t inside a ComfyUI sampler (RASG's guidance, PILOT's latent optimisation).
 
 Two obstacles, one answer each:
-1. Loaded weights are inference tensors (every loader runs under ``torch.inference_mode()``), which autograd cannot
-   save for backward. ``enable_gradients(model)`` (on the MODEL, before sampling) adds a weight wrapper to every
-   UNet weight and bias, as ComfyUI's own LoRA-training node does: a module with a weight function copies its
-   weight in every forward, and a copy made outside inference mode is an ordinary tensor.
-   Measured against converting the weights to ordinary tensors once (random-weight SD1.5, CPU, 2 threads, one
-   32x32 latent, median of 4 interleaved runs on a quiet machine):
+1. Loaded weights are inference tensors (every loader runs under ``torch.inference_mode()``, and ComfyUI patches
+   weights, e.g. LoRAs, under it too), which autograd cannot save for backward. ``enable_gradients(model)`` (on the
+   MODEL, before sampling) returns a clone with a PREPARE_SAMPLING wrapper (ComfyUI's public wrapper API): once per
+   sampling run, right after ComfyUI has loaded and patched the model and the additional models of the run (the
+   ControlNets of the conditioning, GLIGEN, models other nodes attached with ``set_additional_models`` or declared
+   by their patches' ``models()``), ``convert_inference_weights`` replaces each of their inference-tensor
+   parameters and buffers on the device they run on by an ordinary tensor with the same values. Nothing is restored afterwards because nothing behavioural changed: every clone sharing the
+   diffusion model computes bit-identical outputs with the converted tensors, ComfyUI's unpatching puts its own
+   backups back as before, and a later load or re-patch under inference mode is converted again by the next run.
+   Weights kept on another device (low-VRAM partial loading) are skipped: ComfyUI copies them to the compute device
+   in every forward, and those copies, made inside the gradient pass, are ordinary tensors already.
+   Measured against the previous approach, a weight wrapper on every UNet weight (``add_weight_wrapper``, as
+   ComfyUI's LoRA-training node does: every forward copies every weight), on random-weight SD1.5, CPU, 2 threads,
+   one 32x32 latent, median of 4 interleaved runs on a quiet machine:
                                  plain    wrapped   converted
        full (860 M) forward      0.88 s   1.10 s    0.88 s     conversion once: 0.55 s
        full grad forward+back      -      3.15 s    2.03 s
-       tiny (2.5 M) forward      0.083 s  0.083 s   0.081 s    conversion once: 0.007 s
-       tiny grad forward+back      -      0.074 s   0.070 s
-   The wrapper costs a copy of every weight per forward (+25% on CPU; on a GPU it is memory bandwidth, not measured here), and in a
-   gradient pass those copies are kept for backward (+55% on CPU; peak memory + one weight copy, e.g. 1.7 GB for
-   SD1.5 in fp16). Wrappers are kept anyway: conversion is undone whenever ComfyUI re-patches weights under
-   inference mode (a LoRA, another clone's patches, a reload) and would have to hook every load and replace
-   parameters of the model object other clones share; wrappers go through the public API, live on this clone
-   only, and also cover low-VRAM loading, where weights are cast per forward.
+   The wrappers cost a copy of every weight per forward, also in the plain (unguided) calls of the prepared model,
+   and in a gradient pass those copies are held for backward (peak memory + one weight copy); the conversion costs
+   one copy per run and, after it, nothing. End to end (``benchmarks/rasg_bench.py --with-wrappers``, SD1.5
+   inpainting, 256 px, RASG every step, first run in a fresh process): peak memory above the pre-run level
+   648 MiB converted vs 3808 MiB wrapped (plain DDIM 248 MiB). Not covered: weight hooks that ComfyUI re-patches between steps (conditioning-scheduled
+   LoRA hooks) outside a gradient pass.
 2. The executor samples under ``torch.inference_mode()``, and fast attention kernels (sage, flash, xformers) have
    no backward. ``gradient_pass(extra_args)`` leaves inference mode, enables autograd and gives the model call
    arguments whose ``model_options`` select ComfyUI's PyTorch attention (``optimized_attention_override``, read
@@ -27,34 +33,77 @@ What the caller does, inside the ``with`` block: make x a leaf (``x.detach().clo
 the model with the yielded arguments and a sigma computed inside the block (``sigmas[i] * s_in``), build the loss
 and take the gradient. Every other tensor made before the pass that meets x or the loss (a sigma tensor passed
 as is, a mask, a reference latent) must go through ``for_autograd`` first, or autograd raises "Inference tensors
-cannot be saved for backward". ControlNets and other additional models run in the pass would need their own
-weights made usable the same way (not done here).
+cannot be saved for backward". A ControlNet in the conditioning runs inside the same model call (ComfyUI's
+calc_cond_batch recomputes its residuals from the current x), so its effect is part of the gradient; ComfyUI adds
+those residuals to the UNet's stored skip connections in place, so ``enable_gradients`` also installs an
+``input_block_patch_after_skip`` that, during a pass only, hands the next block a copy of the stored skip.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
-
-def _copy_weight(weight):
-    # The wrapper's presence is what matters: it makes ComfyUI's cast copy the weight (see module docstring).
-    return weight.detach()
+WRAPPER_KEY = "faithful_inpaint_gradients"
 
 
 def enable_gradients(model):
-    """A clone of ``model`` (a ModelPatcher) whose UNet weights can take part in autograd. Idempotent."""
+    """A clone of ``model`` (a ModelPatcher) whose sampling runs convert the inference-tensor weights of the model
+    and of the run's additional models (ControlNets ...) once, after loading. Idempotent."""
+    import comfy.patcher_extension
+
     clone = model.clone()
-    unet = clone.get_model_object("diffusion_model")
-    for name, module in unet.named_modules():
-        if not hasattr(module, "weight_function"):
-            continue
-        for param, _ in module.named_parameters(recurse=False):
-            key = f"diffusion_model.{name}.{param}"
-            if _copy_weight not in clone.weight_wrapper_patches.get(key, []):
-                clone.add_weight_wrapper(key, _copy_weight)
+    kind = comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING
+    if _convert_after_loading not in clone.get_wrappers(kind, WRAPPER_KEY):
+        clone.add_wrapper_with_key(kind, WRAPPER_KEY, _convert_after_loading)
+    patches = clone.model_options.get("transformer_options", {}).get("patches", {})
+    if _separate_skip not in patches.get("input_block_patch_after_skip", []):
+        clone.set_model_input_block_patch_after_skip(_separate_skip)
     return clone
+
+
+def _separate_skip(h, transformer_options):
+    """In a gradient pass, the next input block gets a copy of the hidden state whose original was just stored as
+    a skip connection: ComfyUI adds ControlNet residuals to the stored skips in place (``hsp += ctrl``), which
+    autograd refuses for a tensor the next block saved for backward. Outside a pass it returns ``h`` itself."""
+    return h.clone() if h.requires_grad else h
+
+
+def _convert_after_loading(executor, model, noise_shape, conds, *args, **kwargs):
+    real_model, conds, additional_models = executor(model, noise_shape, conds, *args, **kwargs)
+    # the models ComfyUI has just loaded: this one, the run's additional models, those its patches declare
+    convert_inference_weights([model, *additional_models, *model.model_patches_models()])
+    return real_model, conds, additional_models
+
+
+def convert_inference_weights(patchers: Iterable) -> int:
+    """Replace, in each ModelPatcher's model, every inference-tensor parameter and buffer that sits on the patcher's
+    load device by an ordinary tensor with the same values (shared tensors stay shared). Returns how many were
+    replaced; 0 when there is nothing left to do, so calling it again is cheap."""
+    replaced = 0
+    with torch.inference_mode(False):
+        for patcher in patchers:
+            module = getattr(patcher, "model", None)
+            if not isinstance(module, torch.nn.Module):
+                continue
+            device = torch.device(getattr(patcher, "load_device", "cpu"))
+            copies = {}
+            for sub in module.modules():
+                for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+                    if not tensor.is_inference() or not _on(tensor, device):
+                        continue
+                    if id(tensor) not in copies:
+                        data = tensor.detach().clone()
+                        copies[id(tensor)] = (torch.nn.Parameter(data, requires_grad=False)
+                                              if isinstance(tensor, torch.nn.Parameter) else data)
+                        replaced += 1
+                    setattr(sub, name, copies[id(tensor)])
+    return replaced
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
 
 
 def for_autograd(value):

@@ -51,13 +51,15 @@ class PILOTGuide:
         return self
 
     def semantic_loss(self, fg: torch.Tensor, batch: int) -> torch.Tensor:
-        """L_s averaged over the recorded layers, per sample: [B]."""
+        """L_s averaged over the recorded layers, per sample: [B]. A layer's foreground is the same map semantic
+        boundary control uses (pixels fully inside the mask), as in the reference code, where one attention mask
+        serves both (eqs. 11 and 16)."""
         latent_hw = tuple(fg.shape[-2:])
         layers = []
         for cap in self.recorder.captures:
             if cap.maps.shape[0] != batch:
                 continue
-            fg_layer = mask_ops.match_batch(mask_ops.at_resolution(fg, cap.height, cap.width), batch)
+            fg_layer = mask_ops.match_batch(pilot_math.fully_foreground(fg, cap.height, cap.width), batch)
             if fg_layer.shape[1] != cap.maps.shape[1]:
                 continue     # an area-restricted conditioning: not a full-image map
             layers.append((cap.maps, fg_layer.to(cap.maps.device)))
@@ -90,7 +92,12 @@ def install(model, word_indices, boundary_control: bool = False):
                 continue
             previous = replaces.get(info.key, replaces.get(info.key[:2]))
             clone.set_model_attn2_replace(_boundary_replace(guide, previous), *info.key)
-    clone = recorder.install(clone)           # last: it chains the boundary control (its maps are pre-control)
+    # Installed last, the recorder chains the boundary control and records the probabilities BEFORE it, as the
+    # reference code does (it stores the loss term, then masks the probabilities). After the control, every word
+    # token's probability outside the fully masked pixels is 0, so R (eq. 12) would vanish identically and
+    # L_s would reduce to -I; the paper's remark that the background attention "naturally approaches zero" after
+    # the first optimisation steps also only makes sense for the uncontrolled probabilities. No option is offered.
+    clone = recorder.install(clone)
     clone.model_options[GUIDE_KEY] = guide
     return clone
 

@@ -1,12 +1,18 @@
 """Gradient passes (patching/gradients.py) through real ComfyUI UNets whose weights are inference tensors, with a
-loss on captured cross-attention maps (the RASG / PILOT use)."""
+loss on captured cross-attention maps (the RASG / PILOT use); LoRA-patched models; the one-off weight conversion
+leaves every model sharing the diffusion model bit-identical in output."""
 import pytest
 import torch
 
 import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.sd
 from comfy.ldm.modules import attention
 from faithful_inpaint.patching.attention_capture import AttentionRecorder
-from faithful_inpaint.patching.gradients import enable_gradients, for_autograd, gradient_pass
+from faithful_inpaint.patching.gradients import (convert_inference_weights, enable_gradients, for_autograd,
+                                                 gradient_pass)
 from headless.random_models import build_model
 from helpers import forward
 
@@ -25,9 +31,18 @@ def case(family, inpaint=False, side=16):
     return build_model(family, "tiny", inpaint=inpaint), x, context, concat, y
 
 
+def load_for_sampling(model, shape):
+    """What a sampling run does before its sampler starts: ComfyUI loads (and patches) the model through
+    prepare_sampling, which runs the model's PREPARE_SAMPLING wrappers."""
+    with torch.inference_mode():
+        options = comfy.model_patcher.create_model_options_clone(model.model_options)
+        comfy.sampler_helpers.prepare_model_patcher(model, {}, options)
+        comfy.sampler_helpers.prepare_sampling(model, shape, {}, options)
+
+
 def grad_forward(model, x, context, concat=None, y=None, cond_or_uncond=(0, 1), extra_args=None):
     """What a sampler does: a gradient pass around one model call; returns (output, leaf x)."""
-    comfy.model_management.load_models_gpu([model])
+    load_for_sampling(model, x.shape)
     with torch.inference_mode(), gradient_pass({"model_options": model.model_options, **(extra_args or {})}) as args:
         to = {**args["model_options"]["transformer_options"], "cond_or_uncond": list(cond_or_uncond)}
         x_in = x.detach().clone().requires_grad_(True)
@@ -87,15 +102,66 @@ def test_gradient_pass_uses_pytorch_attention_for_the_pass_only(monkeypatch):
     assert not calls
 
 
-def test_enable_gradients_changes_no_output_and_leaves_the_model_alone():
+def weights(model):
+    return dict(model.model.named_parameters())
+
+
+def test_conversion_once_per_run_changes_no_output_and_leaves_models_usable():
     model, x, context, _, _ = case("sd15", side=8)
     before = forward(model, x, 2.0, context)
     enabled = enable_gradients(enable_gradients(model))
-    assert model.weight_wrapper_patches == {}
-    assert all(len(fns) == 1 for fns in enabled.weight_wrapper_patches.values())
-    assert len(enabled.weight_wrapper_patches) == sum(1 for _ in model.model.diffusion_model.parameters())
-    assert torch.equal(forward(enabled, x, 2.0, context), before)
+    kind = comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING
+    assert model.get_all_wrappers(kind) == [] and len(enabled.get_all_wrappers(kind)) == 1
+    assert len(enabled.model_options["transformer_options"]["patches"]["input_block_patch_after_skip"]) == 1
+    assert "patches" not in model.model_options["transformer_options"]
+    assert all(w.is_inference() for w in weights(model).values())
+    out, x_in = grad_forward(enabled, x, context)
+    with torch.inference_mode(False):
+        (grad,) = torch.autograd.grad(out.square().mean(), x_in)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # The diffusion model is shared by every clone: its weights are now ordinary tensors with the same values,
+    # so the original, and the prepared clone outside a pass, compute bit-identical outputs.
+    assert not any(w.is_inference() for w in weights(model).values())
     assert torch.equal(forward(model, x, 2.0, context), before)
+    assert torch.equal(forward(enabled, x, 2.0, context), before)
+    assert convert_inference_weights([model]) == 0                     # nothing left: a later run pays nothing
+
+
+def random_lora(model, rank=2, seed=4):
+    """A LoRA state dict (kohya names) for every linear weight of the model's UNet, as a LoRA file holds."""
+    import comfy.lora
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    params = weights(model)
+    for lora_key, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        w = params.get(target if isinstance(target, str) else "")
+        if not lora_key.startswith("lora_unet_") or w is None or w.dim() != 2:
+            continue
+        sd[f"{lora_key}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.15
+        sd[f"{lora_key}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.15
+        sd[f"{lora_key}.alpha"] = torch.tensor(float(rank))
+    assert sd
+    return sd
+
+
+def test_a_lora_patched_model_takes_gradients_and_every_model_stays_exact():
+    model, x, context, _, _ = case("sd15", side=8)
+    with torch.inference_mode():                                       # LoraLoader runs under inference mode
+        lora, _ = comfy.sd.load_lora_for_models(model, None, random_lora(model), 1.0, 0.0)
+    base_out, lora_out = forward(model, x, 2.0, context), forward(lora, x, 2.0, context)
+    assert not torch.allclose(base_out, lora_out)
+    grads = {}
+    for name, m in (("base", model), ("lora", lora), ("base again", model)):
+        out, x_in = grad_forward(enable_gradients(m), x, context)
+        with torch.inference_mode(False):
+            (grads[name],) = torch.autograd.grad(out.square().mean(), x_in)
+        torch.testing.assert_close(out.detach(), base_out if name != "lora" else lora_out, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(grads["lora"]).all() and not torch.allclose(grads["lora"], grads["base"])
+    assert torch.equal(grads["base"], grads["base again"])
+    # ComfyUI's unpatching put its backups back: both models give exactly their outputs from before
+    assert torch.equal(forward(model, x, 2.0, context), base_out)
+    assert torch.equal(forward(lora, x, 2.0, context), lora_out)
 
 
 def test_uncaptured_maps_are_detached_and_inference_tensors_are_copied_for_autograd():

@@ -18,10 +18,11 @@ def sd15():
     return build_model("sd15")          # plain 4-channel, weights are inference tensors
 
 
-def conds(seed=0):
+def conds(seed=0, family="sd15"):
     g = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(1, 77, 768, generator=g)
-    return [[ctx, {}]], [[torch.zeros_like(ctx), {}]]
+    ctx = torch.randn(1, 77, 2048 if family == "sdxl" else 768, generator=g)
+    extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if family == "sdxl" else {}
+    return [[ctx, dict(extra)]], [[torch.zeros_like(ctx), dict(extra)]]
 
 
 def square(side=16, batch=1):
@@ -33,8 +34,8 @@ def square(side=16, batch=1):
 LATENT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
 
 
-def run(model, steps=4, mask=True, seed=1, **options):
-    pos, neg = conds()
+def run(model, steps=4, mask=True, seed=1, family="sd15", **options):
+    pos, neg = conds(family=family)
     noise = torch.randn(LATENT.shape, generator=torch.Generator().manual_seed(1))
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
     sampler = comfy.samplers.KSAMPLER(pilot.sample_pilot, extra_options=options)
@@ -132,6 +133,18 @@ def test_inner_optimisation_lowers_the_total_loss(sd15):
     assert len(first) == 6 and len(guide.last_losses) == 6       # step 0 only (every 10)
     assert first[-1] < first[0]
     assert pilot.GUIDE_KEY not in sd15.model_options
+
+
+@pytest.mark.parametrize("family,inpaint", [("sdxl", False), ("sd15", True)])
+def test_sdxl_and_nine_channel_models(family, inpaint):
+    model = build_model(family, inpaint=inpaint)
+    prepared = pilot.install(model, WORDS, boundary_control=True)
+    guide = prepared.model_options[pilot.GUIDE_KEY]
+    plain = run(prepared, steps=2, family=family, inner_steps=0)
+    out = run(prepared, steps=2, family=family, inner_steps=2, lr_warmup=0.025)
+    assert torch.isfinite(out).all() and len(guide.last_losses) == 2
+    assert all(torch.isfinite(loss).all() for _, _, loss in guide.last_losses)
+    assert not torch.allclose(out, plain)                             # the optimisation moved the latent
 
 
 def test_background_stays_close_to_the_encoded_image(sd15):

@@ -223,7 +223,7 @@ def pilot_text(name):
                  col=1, row=2)
     noise_mask = g.node("SetLatentNoiseMask", [], inputs=[("samples", "LATENT"), ("mask", "MASK")],
                         outputs=[("LATENT", "LATENT")], col=2, row=2)
-    guide = g.node("PILOTGuidance", [PROMPT, False], "PILOT guidance",
+    guide = g.node("PILOTGuidance", [PROMPT, True], "PILOT guidance",
                    inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=2, row=0)
     sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.025, 0.008, 150.0, 1.0, 0.7],
                      "PILOT sampler (reference text config)", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
