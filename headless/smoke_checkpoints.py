@@ -12,7 +12,9 @@ How the layouts are obtained:
     same key conversions as ``comfy.sd.save_checkpoint``: original LDM layout, ``model.diffusion_model.*``,
     ``cond_stage_model.*`` / ``conditioner.embedders.*``, ``first_stage_model.*``);
   * IP-Adapter and BrushNet (not part of ComfyUI): built from their documented, public layouts; the BrushNet
-    branch reuses ComfyUI's diffusers<->LDM key map of the UNet it copies.
+    branch reuses ComfyUI's diffusers<->LDM key map of the UNet it copies;
+  * the pack's own RefineNet file (LAR-Gen): kernels/refinenet.py's format (metadata with its config), the UNet's
+    cross-attention shapes taken from ComfyUI's SD1.5 UNet on the ``meta`` device.
 Values: one seeded block of Gaussian noise is sliced at a per-key offset, scaled by 1/sqrt(fan_in) for matrices and
 convolutions, ~1 for norm weights, ~0 for biases, so forward passes stay finite. Files are float16 and are written
 tensor by tensor with a small streaming safetensors writer (memory stays around the largest tensor).
@@ -35,6 +37,7 @@ import json
 import math
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable
@@ -224,10 +227,13 @@ def _ipadapter_layout(family: str, plus: bool) -> dict:
     return sd
 
 
-def _brushnet_layout(family: str) -> dict:
-    """Diffusers-format BrushNet branch: the UNet without attention, 9-channel conv_in, zero-conv outputs.
+def _brushnet_layout(family: str, cross_attention: bool = False) -> dict:
+    """Diffusers-format BrushNet branch: the UNet without attention, 9-channel input conv, zero-conv outputs.
 
-    Key names and shapes come from ComfyUI's diffusers->LDM map of the UNet the branch copies (SD1.5: 322 keys).
+    Key names and shapes come from ComfyUI's diffusers->LDM map of the UNet the branch copies (SD1.5: 322 keys);
+    the input conv is ``conv_in_condition`` (BrushNetModel's name for it, the key in the public files).
+    ``cross_attention``: PowerPaint v2's BrushNet_CA, which keeps the UNet's transformers (down levels 0-2, the
+    middle block, up levels 1-3 for SD1.5) and otherwise has the same keys.
     """
     import comfy.supported_models as sm
     import comfy.utils
@@ -241,11 +247,13 @@ def _brushnet_layout(family: str) -> dict:
     keep = ("conv_in.", "time_embedding.", "add_embedding.", "down_blocks.", "mid_block.resnets.", "up_blocks.")
     sd = {}
     for dk in sorted(d2l, key=_diffusers_key_order):
-        if not dk.startswith(keep) or ".attentions." in dk:
+        if not dk.startswith(keep) and not (cross_attention and dk.startswith("mid_block.attentions.")):
+            continue
+        if ".attentions." in dk and not cross_attention:
             continue
         lk = d2l[dk]
         if lk in unet_sd:
-            sd[dk] = unet_sd[lk]
+            sd[dk.replace("conv_in.", "conv_in_condition.", 1) if dk.startswith("conv_in.") else dk] = unet_sd[lk]
     mc_ = base["model_channels"]
     mult = base["channel_mult"]
     nres = base["num_res_blocks"]
@@ -272,8 +280,68 @@ def _brushnet_layout(family: str) -> dict:
     return sd
 
 
+def _powerpaint_text_encoder_layout() -> dict:
+    """PowerPaint v2's text encoder (PowerPaint_Brushnet/pytorch_model.bin): a CLIP ViT-L text model
+    (transformers key names) whose token embedding is wrapped, with 10 learned vectors for each task prompt."""
+    import comfy.sd1_clip
+
+    with torch.device("meta"):
+        clip_sd = _meta_sd(comfy.sd1_clip.SD1ClipModel(device="meta"))
+    sd = {}
+    for k, v in clip_sd.items():
+        if not k.startswith("clip_l.transformer.text_model."):
+            continue
+        k = k[len("clip_l.transformer."):]
+        if k == "text_model.embeddings.token_embedding.weight":
+            k = "text_model.embeddings.token_embedding.wrapped.weight"
+        sd[k] = v
+    sd["text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64)[None]
+    for task in ("P_ctxt", "P_shape", "P_obj"):
+        sd[f"text_model.embeddings.token_embedding.trainable_embeddings.{task}"] = _meta(10, 768)
+    return sd
+
+
 def _diffusers_key_order(k: str):
     return [int(p) if p.isdigit() else p for p in k.split(".")]
+
+
+def _pack_kernel(name: str):
+    """A module of the pack's kernels/ (host-free, no relative imports) loaded from its file."""
+    import importlib.util
+
+    module_name = f"_smoke_kernels_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "kernels" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module   # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def _refinenet_parts() -> tuple[dict, dict]:
+    """(tensors, metadata) of the pack's RefineNet file for SD1.5 inpainting with CLIP ViT-H (LAR-Gen stage-2
+    export): the detail-encoder MLP and every cross-attention weight of the UNet (kernels/refinenet.py)."""
+    import comfy.supported_models as sm
+
+    rn = _pack_kernel("refinenet")
+    config = rn.RefineNetConfig(clip_dim=1280, context_dim=768, unet_in_channels=9)
+    with torch.device("meta"):
+        encoder = rn.DetailEncoder(config).state_dict()
+    unet = sm.SD15(dict(_UNET_SD15, in_channels=9)).get_model({}, device="meta").diffusion_model.state_dict()
+    return rn.state_dict_for_file(config, encoder, {k: v for k, v in unet.items() if rn.is_trained_in_stage2(k)})
+
+
+def _own_branch_parts(kind: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of the pack's own branch file of ``kind`` made for SD1.5 (contract section 3): the branch
+    module's state dict (kernels/painternet.py, kernels/mtadiffusion.py) and its kind/config metadata."""
+    from training import pack
+
+    files = pack.module("kernels.brush_files")
+    module = pack.module(f"kernels.{kind}")
+    config = module.config_for(dict(_UNET_SD15, in_channels=9))
+    with torch.device("meta"):
+        branch = module.branch_from_config(config.to_json())
+    return dict(branch.state_dict()), {files.META_KIND: kind, files.META_CONFIG: config.to_json()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -281,8 +349,12 @@ def _diffusers_key_order(k: str):
 # --------------------------------------------------------------------------------------------------------------------
 
 class _Kind:
-    def __init__(self, folder: str, filename: str, layout: Callable[[], dict]):
-        self.folder, self.filename, self.layout = folder, filename, layout
+    # revision: bump for one kind whose layout changed, so only its cached files are regenerated.
+    # metadata: extra safetensors metadata of the kind's real files (the pack's own formats carry their config).
+    def __init__(self, folder: str, filename: str, layout: Callable[[], dict], revision: int = 1,
+                 metadata: Callable[[], dict] | None = None):
+        self.folder, self.filename, self.layout, self.revision = folder, filename, layout, revision
+        self.metadata = metadata
 
 
 _SPECS: dict[str, _Kind] = {
@@ -301,8 +373,22 @@ _SPECS: dict[str, _Kind] = {
                            lambda: _clip_vision_layout("clip_vision_config_g.json")),
     "ipadapter_sdxl": _Kind("ipadapter", "smoke-random_ip-adapter_sdxl.safetensors",
                             lambda: _ipadapter_layout("sdxl", plus=False)),
-    "brushnet_sd15": _Kind("inpaint", "smoke-random_brushnet_sd15.safetensors", lambda: _brushnet_layout("sd15")),
-    "brushnet_sdxl": _Kind("inpaint", "smoke-random_brushnet_sdxl.safetensors", lambda: _brushnet_layout("sdxl")),
+    "brushnet_sd15": _Kind("inpaint", "smoke-random_brushnet_sd15.safetensors", lambda: _brushnet_layout("sd15"),
+                           revision=2),
+    "brushnet_sdxl": _Kind("inpaint", "smoke-random_brushnet_sdxl.safetensors", lambda: _brushnet_layout("sdxl"),
+                           revision=2),
+    "powerpaint_sd15": _Kind("inpaint", "smoke-random_powerpaint_v2_brushnet.safetensors",
+                             lambda: _brushnet_layout("sd15", cross_attention=True)),
+    "powerpaint_sd15_text_encoder": _Kind("inpaint", "smoke-random_powerpaint_v2_text_encoder.safetensors",
+                                          _powerpaint_text_encoder_layout),
+    "refinenet_sd15": _Kind("refinenet", "smoke-random_refinenet_sd15-inpainting.safetensors",
+                            lambda: _refinenet_parts()[0], metadata=lambda: _refinenet_parts()[1]),
+    "painternet_sd15": _Kind("inpaint", "smoke-random_painternet_sd15.safetensors",
+                             lambda: _own_branch_parts("painternet")[0],
+                             metadata=lambda: _own_branch_parts("painternet")[1]),
+    "mtadiffusion_sd15": _Kind("inpaint", "smoke-random_mtadiffusion_sd15.safetensors",
+                               lambda: _own_branch_parts("mtadiffusion")[0],
+                               metadata=lambda: _own_branch_parts("mtadiffusion")[1]),
 }
 
 KINDS: tuple[str, ...] = tuple(_SPECS)
@@ -439,7 +525,10 @@ def write_model_file(kind: str, path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = spec.layout()
     meta = {"format": "pt", "faithful_inpaint_smoke": "random weights, outputs are noise", "kind": kind,
-            "seed": seed, "smoke_format_version": SMOKE_FORMAT_VERSION}
+            "seed": seed, "smoke_format_version": SMOKE_FORMAT_VERSION,
+            "layout_revision": spec.revision}
+    if spec.metadata is not None:
+        meta.update(spec.metadata())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with torch.inference_mode():
@@ -454,7 +543,8 @@ def write_model_file(kind: str, path, seed: int = 0) -> Path:
 def is_current(kind: str, path) -> bool:
     """True when ``path`` is a complete smoke file of ``kind`` written by this version of the generator."""
     meta = _read_metadata(Path(path))
-    return bool(meta) and meta.get("kind") == kind and meta.get("smoke_format_version") == SMOKE_FORMAT_VERSION
+    return (bool(meta) and meta.get("kind") == kind and meta.get("smoke_format_version") == SMOKE_FORMAT_VERSION
+            and meta.get("layout_revision", "1") == str(_spec(kind).revision))
 
 
 def ensure_smoke_models(models_dir=None, kinds: Iterable[str] = ("sd15_inpaint",)) -> dict[str, str]:

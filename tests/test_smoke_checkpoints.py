@@ -340,7 +340,7 @@ def test_brushnet_layout(smoke_dir, kind, family, counts, n_keys):
     assert found == counts
     if n_keys is not None:
         assert len(sd) == n_keys
-    assert tuple(sd["conv_in.weight"].shape) == (320, 9, 3, 3)
+    assert tuple(sd["conv_in_condition.weight"].shape) == (320, 9, 3, 3)   # BrushNetModel's name for it
     assert not any(".attentions." in k for k in sd)
     cfg = random_models.unet_config(family, "full", inpaint=True)
     unet = random_models.model_config(family, "full", inpaint=True).get_model({}, device="meta").diffusion_model
@@ -349,4 +349,4 @@ def test_brushnet_layout(smoke_dir, kind, family, counts, n_keys):
     for k, v in sd.items():
         assert v.dtype == torch.float16 and _finite(v), k
         if not k.startswith("brushnet_"):
-            assert tuple(usd[d2l[k]].shape) == tuple(v.shape), k
+            assert tuple(usd[d2l[k.replace("conv_in_condition.", "conv_in.")]].shape) == tuple(v.shape), k

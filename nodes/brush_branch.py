@@ -1,0 +1,358 @@
+"""BrushBranchLoader + BrushBranchApply: BrushNet / PowerPaint v2 branches and the pack's own (PainterNet,
+MTADiffusion, trained with training/) on SD1.5 / SDXL. Every family is applied by the one BrushBranchApply; a
+PainterNet branch reads the optional local prompt."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import folder_paths
+from comfy_api.latest import io
+
+from ..kernels import brush_files
+from ..kernels.batch import COND, UNCOND
+from ..kernels.brush_branch import keep_mask_at, masked_image
+from ..kernels.painternet import KIND as PAINTERNET
+from ..patching import family
+from ..patching.brush_branch import (BranchConditioning, BrushBranchHooks, branch_dtype, branch_patcher,
+                                     plan_for)
+from ..patching.errors import NodeInputError
+from ..patching.painternet import check_acp_blocks, pad_context
+from ..patching.schedule import ScheduleWindow
+
+log = logging.getLogger(__name__)
+
+LOADER_NODE = "BrushBranchLoader"
+APPLY_NODE = "BrushBranchApply"
+FOLDER = "inpaint"
+NONE = "none"
+
+# ComfyUI has no "inpaint" folder of its own; ComfyUI-BrushNet users keep their branch files in models/inpaint.
+if FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
+                                                   set(folder_paths.supported_pt_extensions) | {".bin"})
+
+Branch = io.Custom("BRUSH_BRANCH")
+
+# PowerPaint's task prompts (branch prompt A / B, positive and negative), as its v2 pipeline builds them; the
+# branch embedding is A * fitting + B * (1 - fitting).
+POWERPAINT_TASKS = {
+    "text guided": (("P_obj", "P_obj"), ("P_obj", "P_obj")),
+    "shape guided": (("P_shape", "P_ctxt"), ("P_shape", "P_ctxt")),
+    "object removal": (("P_ctxt", "P_ctxt"), ("P_obj", "P_obj")),
+    "context aware": (("P_ctxt", "P_ctxt"), ("", "")),
+    "image outpainting": (("P_ctxt", "P_ctxt"), ("P_obj", "P_obj")),
+}
+
+
+@dataclass
+class LoadedBranch:
+    """What BrushBranchLoader hands to BrushBranchApply."""
+    patcher: object                          # comfy ModelPatcher around the branch module
+    kind: brush_files.FileKind
+    name: str
+    task_encoder: Optional[object] = None    # PowerPaint: ComfyUI CLIP built from its text encoder
+    task_vectors: dict = field(default_factory=dict)   # PowerPaint: {"P_obj": [10, 768], ...}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+def _read(path: str, node: str, input_name: str):
+    import comfy.utils
+
+    try:
+        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except Exception as err:  # unreadable, truncated, or a pickle that safe loading refuses
+        raise NodeInputError(node, input_name, f"cannot read {os.path.basename(path)}: {err}") from err
+    return sd, (metadata or {})
+
+
+def _peek(path: str, node: str, input_name: str):
+    """({key: shape}, metadata) of a safetensors file from its header alone (a wrong 7 GB file fails at once);
+    None for other formats, which have to be read whole."""
+    if not path.endswith((".safetensors", ".sft")):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, (f.metadata() or {})
+    except Exception as err:
+        raise NodeInputError(node, input_name, f"cannot read {os.path.basename(path)}: {err}") from err
+
+
+def _classify(shapes: dict, metadata: dict, path: str, input_name: str) -> brush_files.FileKind:
+    try:
+        kind = brush_files.classify(shapes, metadata)
+    except brush_files.UnknownBranchFile as err:
+        raise NodeInputError(LOADER_NODE, input_name, f"{os.path.basename(path)} is not a BrushNet/PowerPaint "
+                             f"branch: {err}.") from None
+    if not kind.public and not path.endswith(".safetensors"):
+        raise NodeInputError(LOADER_NODE, input_name, "the pack's own branch files are safetensors only.")
+    return kind
+
+
+def _kind_of(path: str, input_name: str) -> brush_files.FileKind:
+    peeked = _peek(path, LOADER_NODE, input_name)
+    if peeked is None:
+        sd, metadata = _read(path, LOADER_NODE, input_name)
+        peeked = ({k: tuple(v.shape) for k, v in sd.items()}, metadata)
+        del sd
+    return _classify(*peeked, path, input_name)
+
+
+def load_branch(path: str, text_encoder_path: Optional[str] = None) -> LoadedBranch:
+    """Read a branch file (and, for PowerPaint, its text encoder) and build the branch, strict key matching."""
+    kind = _kind_of(path, "branch_name")
+    if kind.kind == "powerpaint_text_encoder":
+        raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} is PowerPaint's text encoder; "
+                             "choose it as powerpaint_text_encoder and the PowerPaint branch as branch_name.")
+    if kind.kind == "powerpaint" and text_encoder_path is None:
+        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", "a PowerPaint branch needs its text encoder "
+                             "(PowerPaint_Brushnet/pytorch_model.bin, next to the branch in models/inpaint): it "
+                             "carries the task prompts.")
+    factory = brush_files.branch_factory(kind.kind)
+    if factory is None:
+        raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} is a '{kind.kind}' branch, a "
+                             "recipe this version of the pack does not know (update the pack).")
+    sd, _ = _read(path, LOADER_NODE, "branch_name")
+    with torch.device("meta"):
+        module = factory(kind.config if kind.config is not None else kind.branch_config().to_json())
+    dtype = branch_dtype()
+    try:
+        module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    except RuntimeError as err:
+        raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} looks like {kind.label} but "
+                             f"its tensors do not match that architecture: {str(err)[:400]}") from None
+    module.eval().requires_grad_(False)
+    loaded = LoadedBranch(branch_patcher(module), kind, os.path.basename(path))
+    if kind.kind == "powerpaint":
+        loaded.task_encoder, loaded.task_vectors = load_powerpaint_text_encoder(text_encoder_path)
+    return loaded
+
+
+def load_powerpaint_text_encoder(path: str):
+    """PowerPaint's text encoder as a ComfyUI CLIP plus its task-prompt vectors.
+
+    The public file is a CLIPTextModel state dict whose token embedding is wrapped: ``...token_embedding.wrapped``
+    holds the ordinary vocabulary, ``...token_embedding.trainable_embeddings.P_ctxt`` (and P_shape, P_obj) the 10
+    learned vectors of each task prompt. The vocabulary goes back to the plain key; the task vectors are spliced
+    into the token sequence when a task prompt is encoded (ComfyUI's embedding-token path).
+    """
+    import comfy.sd
+
+    kind = _kind_of(path, "powerpaint_text_encoder")
+    if kind.kind != "powerpaint_text_encoder":
+        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", f"{os.path.basename(path)} is {kind.label}, "
+                             "not PowerPaint's text encoder (PowerPaint_Brushnet/pytorch_model.bin of PowerPaint v2).")
+    sd, _ = _read(path, LOADER_NODE, "powerpaint_text_encoder")
+    vectors = {t: sd.pop(k).float() for t, k in brush_files.powerpaint_task_keys().items() if k in sd}
+    missing = set(brush_files.POWERPAINT_TASK_TOKENS) - set(vectors)
+    if missing:
+        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", f"the text encoder lacks the task prompts "
+                             f"{sorted(missing)}.")
+    wrapped = "text_model.embeddings.token_embedding.wrapped.weight"
+    if wrapped in sd:
+        sd["text_model.embeddings.token_embedding.weight"] = sd.pop(wrapped)
+    clip = comfy.sd.load_text_encoder_state_dicts(state_dicts=[sd], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+                                                  embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return clip, vectors
+
+
+def encode_task_prompt(clip, vectors: dict, task: str) -> torch.Tensor:
+    """[1, 77, 768] embedding of a task prompt ("P_obj" ...; "" = the empty prompt) through PowerPaint's encoder.
+
+    The prompt is the start token, the task's learned vectors, the end token, padding: how PowerPaint's tokenizer
+    wrapper expands its placeholder into 10 tokens.
+    """
+    tokens = clip.tokenize("")
+    if task:
+        seq = tokens["l"][0]
+        entry = seq[1]
+        vecs = vectors[task]
+        new = [seq[0]] + [(vecs[i],) + tuple(entry[1:]) for i in range(vecs.shape[0])]
+        new += seq[1:len(seq) - vecs.shape[0]]
+        tokens["l"][0] = new
+    return clip.encode_from_tokens(tokens, return_pooled=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Nodes
+# --------------------------------------------------------------------------------------------------------------------
+
+class BrushBranchLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        files = folder_paths.get_filename_list(FOLDER)
+        return io.Schema(
+            node_id=LOADER_NODE,
+            display_name="Load Brush Branch (BrushNet / PowerPaint)",
+            category="inpaint/faithful/BrushNet",
+            description="Loads an inpainting branch from models/inpaint: public BrushNet SD1.5/SDXL and PowerPaint v2 "
+                        "files (recognised by their structure) or a branch trained with this pack.",
+            inputs=[
+                io.Combo.Input("branch_name", options=files,
+                               tooltip="The branch file (BrushNet: diffusion_pytorch_model.safetensors)."),
+                io.Combo.Input("powerpaint_text_encoder", options=[NONE] + files, default=NONE, optional=True,
+                               tooltip="PowerPaint only: its text encoder (PowerPaint_Brushnet/pytorch_model.bin), "
+                                       "which holds the task prompts."),
+            ],
+            outputs=[Branch.Output(display_name="branch")],
+        )
+
+    @classmethod
+    def execute(cls, branch_name, powerpaint_text_encoder=NONE) -> io.NodeOutput:
+        path = folder_paths.get_full_path(FOLDER, branch_name)
+        if path is None:
+            raise NodeInputError(LOADER_NODE, "branch_name", f"{branch_name} is not in models/{FOLDER}.")
+        te = None
+        if powerpaint_text_encoder and powerpaint_text_encoder != NONE:
+            te = folder_paths.get_full_path(FOLDER, powerpaint_text_encoder)
+        loaded = load_branch(path, te)
+        log.info("[Faithful Inpaint] %s: %s is %s", LOADER_NODE, branch_name, loaded.kind.label)
+        return io.NodeOutput(loaded)
+
+
+_FAMILY = {"sd15": "SD1.x", "sdxl": "SDXL"}
+
+
+class BrushBranchApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id=APPLY_NODE,
+            display_name="Apply Brush Branch (BrushNet / PowerPaint / PainterNet / MTADiffusion)",
+            category="inpaint/faithful/BrushNet",
+            description="Runs the branch beside the model on the masked image and adds its features to the model "
+                        "(BrushNet; PainterNet also through attention control points). Works with ordinary and "
+                        "inpainting SD1.5/SDXL checkpoints; patches a copy.",
+            inputs=[
+                io.Model.Input("model"),
+                Branch.Input("branch"),
+                io.Vae.Input("vae"),
+                io.Image.Input("image"),
+                io.Mask.Input("mask", tooltip="1 = region to inpaint."),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative", tooltip="Read by the model and, for PainterNet, by the branch on "
+                                                          "the unconditional pass."),
+                io.Conditioning.Input("local_prompt", optional=True,
+                                      tooltip="PainterNet only: what should appear in the mask (CLIPTextEncode with "
+                                              "the same checkpoint's CLIP), read by the branch while the model "
+                                              "keeps the positive (global) prompt. Default: the positive prompt."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Multiplies every branch residual (BrushNet's conditioning scale) and "
+                                       "PainterNet's attention control points."),
+                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of the active part of the schedule (fraction; 0 = first step)."),
+                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the active part of the schedule (fraction; 1 = last step)."),
+                io.Combo.Input("powerpaint_task", options=list(POWERPAINT_TASKS), default="text guided",
+                               optional=True, tooltip="PowerPaint only: the task prompt given to the branch."),
+                io.Float.Input("powerpaint_fitting", default=1.0, min=0.3, max=1.0, step=0.01, optional=True,
+                               tooltip="PowerPaint only, shape guided: how closely the object fits the mask."),
+            ],
+            outputs=[
+                io.Model.Output(),
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+                io.Latent.Output(display_name="latent",
+                                 tooltip="The image encoded (sample it with denoise 1 for BrushNet's setting)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, branch, vae, image, mask, positive, negative, strength, start, end,
+                powerpaint_task="text guided", powerpaint_fitting=1.0, local_prompt=None) -> io.NodeOutput:
+        from nodes import InpaintModelConditioning
+
+        fam = family.detect(model, APPLY_NODE)
+        want = _FAMILY.get(branch.kind.family)
+        if fam.name != want:
+            raise NodeInputError(APPLY_NODE, "branch", f"{branch.name} is {branch.kind.label}, made for {want} "
+                                 f"models, but the model is {fam.name}; use a branch for {fam.name}.")
+        _check_fit(branch, model.get_model_object("diffusion_model"))
+        if start >= end:
+            raise NodeInputError(APPLY_NODE, "end", f"must be larger than start ({start} >= {end}).")
+        n_img, n_mask = image.shape[0], mask.reshape(-1, *mask.shape[-2:]).shape[0]
+        if n_img != n_mask and 1 not in (n_img, n_mask):
+            raise NodeInputError(APPLY_NODE, "mask", f"{n_mask} masks for {n_img} images: give one mask or one per "
+                                 "image.")
+        if local_prompt and branch.kind.kind != PAINTERNET:
+            raise NodeInputError(APPLY_NODE, "local_prompt", f"only a PainterNet branch reads a local prompt; "
+                                 f"{branch.name} is {branch.kind.label}: disconnect local_prompt.")
+
+        pixels, m = _crop8(image, mask)
+        latent_format = model.get_model_object("latent_format")
+        masked = latent_format.process_in(vae.encode(masked_image(pixels, m)[..., :3]))
+        keep = keep_mask_at(m, masked.shape[-2], masked.shape[-1])
+        context = None
+        if branch.kind.kind == "powerpaint":
+            context = _powerpaint_context(branch, powerpaint_task, powerpaint_fitting)
+        elif local_prompt:
+            context = _local_context(local_prompt, negative, fam.context_dim)
+
+        patched = model.clone()
+        hooks = BrushBranchHooks(branch.patcher, BranchConditioning(masked, keep, context), strength,
+                                 ScheduleWindow.from_percent(patched, start, end), node=APPLY_NODE)
+        hooks.install(patched)
+
+        # Inpainting (9-channel) models also need their usual concat conditioning; InpaintModelConditioning builds it
+        # and the encoded image the sampler starts from. Ordinary models keep their conditioning as it is.
+        if fam.inpainting:
+            positive, negative, latent = InpaintModelConditioning().encode(positive, negative, image, vae, mask,
+                                                                           noise_mask=False)
+        else:
+            latent = {"samples": vae.encode(pixels[..., :3])}
+        return io.NodeOutput(patched, positive, negative, latent)
+
+
+def _check_fit(branch: LoadedBranch, unet) -> None:
+    """The branch's residuals (and PainterNet's attention control points) must have a place in this UNet."""
+    config = branch.patcher.model.config
+    plan = plan_for(unet)
+    down, _, up = config.residual_channels()
+    missing = check_acp_blocks(unet, config.acp_keys()) if branch.kind.kind == PAINTERNET else []
+    if (len(down), len(up)) != (plan.n_down, plan.n_up) or missing:
+        raise NodeInputError(APPLY_NODE, "branch", f"{branch.name} does not fit this UNet ({len(down)}/{len(up)} "
+                             f"down/up outputs for {plan.n_down}/{plan.n_up}"
+                             + (f"; attention blocks it lacks: {missing}" if missing else "") + ").")
+
+
+def _local_context(local_prompt, negative, context_dim: int) -> dict:
+    """PainterNet's branch text: the local prompt on conditional rows, the negative on unconditional ones, padded
+    to a common length."""
+    local, neg = local_prompt[0][0], negative[0][0]
+    if local.shape[-1] != context_dim:
+        raise NodeInputError(APPLY_NODE, "local_prompt", f"is {local.shape[-1]} wide, the model's text is "
+                             f"{context_dim}: encode it with the CLIP of the same checkpoint.")
+    tokens = math.lcm(local.shape[1], neg.shape[1])
+    return {COND: pad_context(local, tokens), UNCOND: pad_context(neg, tokens)}
+
+
+def _crop8(image: torch.Tensor, mask: torch.Tensor):
+    """Image and mask (resized to the image) cropped to multiples of 8 like ComfyUI's inpaint conditioning."""
+    m = mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float()
+    m = torch.nn.functional.interpolate(m, size=image.shape[1:3], mode="bilinear")[:, 0]
+    h, w = (image.shape[1] // 8) * 8, (image.shape[2] // 8) * 8
+    oy, ox = (image.shape[1] % 8) // 2, (image.shape[2] % 8) // 2
+    return image[:, oy:oy + h, ox:ox + w], m[:, oy:oy + h, ox:ox + w]
+
+
+def _powerpaint_context(branch: LoadedBranch, task: str, fitting: float) -> dict:
+    (pos_a, pos_b), (neg_a, neg_b) = POWERPAINT_TASKS[task]
+
+    def mix(a, b):
+        ea = encode_task_prompt(branch.task_encoder, branch.task_vectors, a)
+        eb = encode_task_prompt(branch.task_encoder, branch.task_vectors, b)
+        return ea * fitting + eb * (1.0 - fitting)
+
+    return {COND: mix(pos_a, pos_b), UNCOND: mix(neg_a, neg_b)}
+
+
+NODES = [BrushBranchLoader, BrushBranchApply]
