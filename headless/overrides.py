@@ -11,7 +11,9 @@ when it saves)::
             "steps":    [[3, "steps"]],          # --steps N
             "image":    [[10, "image"]],         # --image PATH  (a LoadImage)
             "mask":     [[11, "image"]],         # --mask PATH   (a LoadImageMask, or a LoadImage whose MASK is used)
-            "ckpt":     [[4, "ckpt_name"]]       # --ckpt FILE|NAME
+            "subject":  [[12, "image"]],         # --subject PATH (a LoadImage: the image prompt's subject)
+            "ckpt":     [[4, "ckpt_name"]],      # --ckpt FILE|NAME
+            "branch":   [[13, "branch_name"]]    # --branch FILE|NAME (a BrushBranchLoader, models/inpaint)
         },
         "smoke": {"ckpt": "sd15_inpaint", "image_size": [256, 256], "steps": 2}
     }}

@@ -1,8 +1,8 @@
 """Run a ComfyUI workflow headless: the UI's Queue button, from the command line.
 
-    python -m headless.run WORKFLOW.json [--out DIR] [--image PATH] [--mask PATH] [--prompt TEXT]
-                           [--negative TEXT] [--seed N] [--steps N] [--ckpt FILE ...] [--smoke]
-                           [--comfyui-base DIR]
+    python -m headless.run WORKFLOW.json [--out DIR] [--image PATH] [--mask PATH] [--subject PATH]
+                           [--prompt TEXT] [--negative TEXT] [--seed N] [--steps N] [--ckpt FILE ...] [--branch FILE]
+                           [--smoke] [--comfyui-base DIR]
 
 WORKFLOW is a workflow saved by ComfyUI's UI (or a PNG ComfyUI saved, which embeds it; an API-format prompt runs
 as it is, without overrides). It is converted with the live node definitions (:mod:`headless.ui_to_api`), the
@@ -11,12 +11,15 @@ overrides it declares are applied (:mod:`headless.overrides`), and the prompt ru
 Every image of every SaveImage / PreviewImage node is written as ``<workflow>-<node id>-<node title>-<NN>.png``
 into ``--out`` (default ``./output``), with the prompt and workflow embedded as ComfyUI embeds them.
 
-``--image`` / ``--mask`` files are copied into ComfyUI's input folder (under a content-hashed name). ``--ckpt`` takes a
-checkpoint file (linked into the models folder) or the name of one ComfyUI already lists. ``--smoke`` runs without
-real weights: it generates random-weight model files with the real shapes (``headless.smoke_checkpoints``) for the
-kinds the workflow's ``extra.faithful_inpaint.smoke`` names, plus a test image and a centred rectangular mask when
-none are given; THE OUTPUT IS THEN NOISE. ``--comfyui-base`` selects ComfyUI's models/, input/, output/ folders
-(default: ComfyUI's own; ``.smoke/comfyui`` of this repository with ``--smoke``). Exit status: 0 on success, 1 when
+``--image`` / ``--mask`` / ``--subject`` files are copied into ComfyUI's input folder (under a content-hashed
+name). ``--ckpt`` takes a checkpoint file (linked into the models folder) or the name of one ComfyUI already lists;
+``--branch`` likewise takes an inpainting branch file for ``models/inpaint`` (BrushNet, PowerPaint, or one trained
+with ``training/``).
+``--smoke`` runs without real weights: it generates random-weight model files with the real shapes
+(``headless.smoke_checkpoints``) for the kinds the workflow's ``extra.faithful_inpaint.smoke`` names, plus a test
+image and a centred rectangular mask (and a subject image, for workflows that declare a 'subject' override) when none
+are given; THE OUTPUT IS THEN NOISE. ``--comfyui-base`` selects ComfyUI's models/, input/, output/ folders (default:
+ComfyUI's own; ``.smoke/comfyui`` of this repository with ``--smoke``). Exit status: 0 on success, 1 when
 the workflow or ComfyUI reports an error (printed with node id, type and message), 130 when interrupted.
 """
 from __future__ import annotations
@@ -49,11 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="output", help="folder for the output PNGs (default: ./output)")
     p.add_argument("--image", help="input image file (override 'image')")
     p.add_argument("--mask", help="mask file, white = inpaint (override 'mask')")
+    p.add_argument("--subject", help="subject image file for image-prompt workflows (override 'subject')")
     p.add_argument("--prompt", help="positive prompt text (override 'prompt')")
     p.add_argument("--negative", help="negative prompt text (override 'negative')")
     p.add_argument("--seed", type=int, help="sampler seed (override 'seed')")
     p.add_argument("--steps", type=int, help="sampler steps (override 'steps')")
     p.add_argument("--ckpt", nargs="+", metavar="FILE", help="checkpoint file(s) or name(s) (override 'ckpt')")
+    p.add_argument("--branch", metavar="FILE", help="inpainting branch file or name in models/inpaint: BrushNet, "
+                                                    "PowerPaint or one trained with training/ (override 'branch')")
     p.add_argument("--smoke", action="store_true", help="random-weight models; the output is noise")
     p.add_argument("--comfyui-base", help="ComfyUI base directory (models/, input/, output/)")
     p.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's info log")
@@ -130,6 +136,20 @@ def make_test_mask(size):
     return mask
 
 
+def make_test_subject(size):
+    """A subject for image-prompt workflows: a striped orange ball on white, the size of the test image."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((w * 0.2, h * 0.2, w * 0.8, h * 0.8), fill=(240, 140, 30))
+    for i in range(3):
+        y = h * (0.35 + 0.12 * i)
+        draw.line((w * 0.25, y, w * 0.75, y), fill=(90, 40, 10), width=max(1, h // 40))
+    return img
+
+
 def smoke_values(workflow: dict, given: dict, scratch: Path) -> dict:
     """Override values for a smoke run: generated model files, test image and mask, smoke defaults."""
     import folder_paths
@@ -155,7 +175,7 @@ def smoke_values(workflow: dict, given: dict, scratch: Path) -> dict:
             values[key] = [value]
     targets = declared_targets(workflow)
     scratch.mkdir(parents=True, exist_ok=True)
-    for key, maker in (("image", make_test_image), ("mask", make_test_mask)):
+    for key, maker in (("image", make_test_image), ("mask", make_test_mask), ("subject", make_test_subject)):
         if key in targets and key not in given:
             path = scratch / f"smoke-{key}-{size[0]}x{size[1]}.png"
             maker(size).save(path)
@@ -219,7 +239,9 @@ def main(argv=None) -> int:
             ("steps", [args.steps] if args.steps is not None else None),
             ("image", [stage_input_file(args.image)] if args.image else None),
             ("mask", [stage_input_file(args.mask)] if args.mask else None),
+            ("subject", [stage_input_file(args.subject)] if args.subject else None),
             ("ckpt", [stage_model(c) for c in args.ckpt] if args.ckpt else None),
+            ("branch", [stage_model(args.branch, "inpaint")] if args.branch else None),
         ) if value is not None}
         values = dict(given)
         if args.smoke:

@@ -311,3 +311,25 @@ def test_cli_subprocess_exit_code(tmp_path):
     done = subprocess.run(cmd[:3] + [write_workflow(tmp_path, wf, "bad.json")] + cmd[4:], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "node 2 (SaveImage): 0 widget values" in done.stderr
+
+
+def test_branch_option_points_the_bundled_branch_workflows_at_a_users_file(tmp_path, monkeypatch):
+    """--branch FILE: the file is linked into models/inpaint and its name replaces the branch loader's file in the
+    bundled brushnet / painternet / mtadiffusion workflows (the prompt is captured, not run)."""
+    import folder_paths
+
+    prompts = []
+
+    def capture(prompt, workflow=None, on_message=None):
+        prompts.append(prompt)
+        return types.SimpleNamespace(image_files=lambda: [])
+
+    monkeypatch.setattr(run, "run_prompt", capture)
+    user = tmp_path / "my_branch.safetensors"
+    user.write_bytes(b"a trained branch")
+    for name in ("brushnet", "painternet", "mtadiffusion"):
+        code = run.main([str(ROOT / "workflows" / f"{name}.json"), "--branch", str(user), "--out", str(tmp_path)])
+        assert code == 0, name
+        loaders = [n["inputs"] for n in prompts[-1].values() if n["class_type"] == "BrushBranchLoader"]
+        assert [i["branch_name"] for i in loaders] == ["my_branch.safetensors"], name
+    assert Path(folder_paths.get_full_path("inpaint", "my_branch.safetensors")).resolve() == user.resolve()
