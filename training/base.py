@@ -1,0 +1,248 @@
+"""The frozen base model a branch trains against, loaded through ComfyUI as a library (headless/host.py).
+
+Training and sampling share one code path: the UNet is ComfyUI's own ``UNetModel`` from the user's checkpoint,
+and the branch's residuals reach it through ``patching.brush_branch.inject_residuals``, the function the
+``BrushBranchApply`` node's sampling wrapper calls. Text goes through the checkpoint's CLIP (ComfyUI tokenizer and
+encoder), images through its VAE and latent format.
+
+``spec`` names the base:
+  * a checkpoint file (``.safetensors`` / ``.ckpt``: SD1.x, SD2.x or SDXL, inpainting or not);
+  * ``random:<family>[:<size>]`` (family sd15 | sd2 | sdxl, size tiny | full): ComfyUI's architectures with random
+    weights (headless/random_models.py), with a small random VAE for ``tiny``; for tests, benchmarks and dry runs.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import pack
+
+
+def _start_host() -> None:
+    """Start the ComfyUI host (headless/host.py) once per process, before any ``comfy`` import."""
+    from headless import host
+
+    host.start()
+
+
+def _as_autograd_weights(module: nn.Module) -> None:
+    """Frozen weights that autograd can use: inference tensors (what random_models builds, like a loader node
+    under ``torch.inference_mode()``) are replaced by ordinary copies; every parameter stops requiring grad."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is None:
+                continue
+            if p.is_inference():
+                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+            else:
+                p.requires_grad_(False)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_inference():
+                m._buffers[name] = b.detach().clone()
+
+
+def random_vae(size: str = "tiny", seed: int = 0):
+    """A ComfyUI VAE with SD's AutoencoderKL layout (8x downscale, 4 latent channels) and random weights:
+    ``full`` has SD's real widths (benchmarks), ``tiny`` 32 base channels and one resnet per level (tests)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    if size == "tiny":
+        ddconfig.update(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1)
+    config = {"params": {"ddconfig": ddconfig, "embed_dim": 4}}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in AutoencoderKL(ddconfig=ddconfig, embed_dim=4).state_dict().items():
+        if k.endswith("weight") and v.dim() > 1:
+            sd[k] = torch.randn(v.shape, generator=gen) / max(v[0].numel(), 1) ** 0.5
+        elif "norm" in k and k.endswith("weight"):
+            sd[k] = torch.ones(v.shape)
+        else:
+            sd[k] = torch.zeros(v.shape)
+    return comfy.sd.VAE(sd=sd, config=config)
+
+
+@dataclass
+class TextBatch:
+    context: torch.Tensor                 # [B, T, C]
+    actual_tokens: torch.Tensor           # bool [B, T]: word tokens (no SOT / EOT / padding), for ATAL
+    pooled: Optional[torch.Tensor]        # [B, P] (SDXL's adm input), else None
+
+
+class FrozenBase:
+    """UNet + CLIP + VAE of one checkpoint, frozen, ready for branch training.
+
+    ``inpaint``: the base must be an SD *inpainting* UNet (9 input channels; ``random:`` specs build one) instead of
+    the plain 4-channel UNet a branch trains beside."""
+
+    def __init__(self, spec: str, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 inpaint: bool = False):
+        _start_host()
+        self.spec = spec
+        if spec.startswith("random:"):
+            from headless import random_models
+
+            parts = spec.split(":")
+            family = parts[1]
+            size = parts[2] if len(parts) > 2 else "tiny"
+            self.patcher = random_models.build_model(family, size, inpaint=inpaint, seed=seed)
+            self.clip = random_models.build_clip(family, seed=seed)
+            self.vae = random_vae(size, seed)
+        else:
+            import comfy.sd
+
+            self.patcher, self.clip, self.vae, _ = comfy.sd.load_checkpoint_guess_config(
+                spec, output_vae=True, output_clip=True)
+        base = self.patcher.model
+        self.unet_config = dict(base.model_config.unet_config)
+        if inpaint and tuple(getattr(base, "concat_keys", ())) != ("mask", "masked_image"):
+            raise ValueError(f"{spec}: an SD inpainting checkpoint is needed (9 input channels: noise, mask, "
+                             "masked-image latent); this is not one")
+        if not inpaint and self.unet_config.get("in_channels", 4) != 4:
+            raise ValueError(f"{spec}: a branch trains beside a plain 4-channel UNet (BrushNet's setting); this "
+                             f"UNet takes {self.unet_config['in_channels']} input channels (an inpainting model)")
+        self.unet = base.diffusion_model
+        _as_autograd_weights(self.unet)
+        self.unet.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = device, dtype
+        self.latent_format = base.latent_format
+        from comfy.model_base import ModelType
+
+        self.prediction = "v" if base.model_type == ModelType.V_PREDICTION else "eps"
+        sigmas = base.model_sampling.sigmas.float().cpu()
+        self.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)          # ComfyUI: sigma = sqrt((1 - abar) / abar)
+        self.is_sdxl = self.unet_config.get("adm_in_channels") is not None
+        self._base = base
+        self._text_cache: dict[str, tuple] = {}
+
+    # ---- weights for a new branch -----------------------------------------------------------------------------
+    def unet_state_dict_diffusers(self) -> dict:
+        return pack.module("patching.brush_branch").unet_state_dict_diffusers(self.patcher)
+
+    # ---- text ---------------------------------------------------------------------------------------------------
+    def encode_text(self, captions: list[str]) -> TextBatch:
+        """Encode with the checkpoint's CLIP; each distinct caption once per process (an LRU of 4,096)."""
+        prompt = pack.module("patching.prompt")
+        contexts, tokens, pooled = [], [], []
+        for text in captions:
+            hit = self._text_cache.pop(text, None)
+            if hit is None:
+                comfy_tokens, _, words = prompt.token_positions(self.clip, text)
+                with torch.no_grad():
+                    ctx, pool = self.clip.encode_from_tokens(comfy_tokens, return_pooled=True)
+                mask = torch.zeros(ctx.shape[1], dtype=torch.bool)
+                mask[words] = True
+                hit = (ctx[0].detach().clone().float().cpu(), mask,
+                       None if pool is None else pool[0].detach().clone().float().cpu())
+                if len(self._text_cache) >= 4096:
+                    self._text_cache.pop(next(iter(self._text_cache)))
+            self._text_cache[text] = hit
+            contexts.append(hit[0])
+            tokens.append(hit[1])
+            pooled.append(hit[2])
+        length = max(c.shape[0] for c in contexts)
+        context = torch.stack([_pad_tokens(c, length) for c in contexts]).to(self.device)
+        actual = torch.stack([torch.nn.functional.pad(t, (0, length - t.shape[0])) for t in tokens]).to(self.device)
+        pool = torch.stack(pooled).to(self.device) if self.is_sdxl else None
+        return TextBatch(context, actual, pool)
+
+    def adm(self, text: TextBatch, height: int, width: int) -> Optional[torch.Tensor]:
+        """SDXL's y vector (pooled text + original/crop/target sizes = the image size, no crop); None otherwise."""
+        if not self.is_sdxl:
+            return None
+        rows = [self._base.encode_adm(pooled_output=p[None].cpu(), width=width, height=height, crop_w=0, crop_h=0,
+                                      target_width=width, target_height=height) for p in text.pooled]
+        return torch.cat(rows).to(self.device)
+
+    # ---- images -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> the model's (scaled) latents [B, 4, H/8, W/8], float32 on ``device``."""
+        raw = self.vae.encode(images.permute(0, 2, 3, 1).float().cpu())
+        return self.latent_format.process_in(raw.float()).to(self.device).detach().clone()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> [B, 3, H, W] images in [0, 1] on the CPU."""
+        raw = self.latent_format.process_out(latents.float().cpu())
+        return self.vae.decode(raw).float().permute(0, 3, 1, 2).clamp(0, 1).detach().clone()
+
+    # ---- the diffusion objective --------------------------------------------------------------------------------
+    def noise_latents(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noise, timesteps, x_t): fresh Gaussian noise, uniform timesteps, and ``x0`` noised to them."""
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), device=x0.device)
+        return noise, t, pack.module("kernels.branch_losses").add_noise(x0, noise, t, self.alphas_cumprod)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet learns to output at ``t``: the noise (eps models) or v (v-prediction models)."""
+        return pack.module("kernels.branch_losses").training_target(x0, noise, t, self.alphas_cumprod,
+                                                                    self.prediction)
+
+    # ---- the UNet with a branch --------------------------------------------------------------------------------
+    def unet_forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                     y: Optional[torch.Tensor], branch_output=None, strength: float = 1.0) -> torch.Tensor:
+        """One UNet call (eps or v output) with the branch injected through the nodes' own path
+        (``patching.brush_branch.inject_residuals``: residuals and, for PainterNet, attention control points)."""
+        x = x_t.to(self.dtype)
+        kwargs = {"context": context.to(self.dtype), "y": None if y is None else y.to(self.dtype)}
+        options = {}
+        if branch_output is None:
+            return self.unet(x, timesteps.float(), transformer_options=options, **kwargs)
+        inject = pack.module("patching.brush_branch").inject_residuals
+        with inject(self.unet, branch_output, strength, options) as patched:
+            return self.unet(x, timesteps.float(), transformer_options=patched, **kwargs)
+
+    def checkpoint_blocks(self) -> int:
+        """Gradient checkpointing on the frozen UNet's blocks; returns how many blocks were wrapped.
+
+        Input blocks and the middle block, and output blocks without an Upsample (the injection adds a residual
+        inside those through a forward pre-hook that exists only during the call, so recomputing them in the
+        backward pass would miss it). Each wrapped call runs on its own copy of transformer_options, taken when
+        the block is entered, so a recomputation sees the same block ids and patches as the original call.
+        """
+        from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
+
+        blocks = list(self.unet.input_blocks) + [self.unet.middle_block]
+        blocks += [b for b in self.unet.output_blocks if not isinstance(b[-1], Upsample)]
+        return checkpoint_blocks(blocks)
+
+
+def checkpoint_blocks(blocks) -> int:
+    """Run each of ``blocks`` (a UNet's ``TimestepEmbedSequential`` blocks) under gradient checkpointing, with its
+    own copy of transformer_options (see :meth:`FrozenBase.checkpoint_blocks`); returns how many were wrapped."""
+    blocks = list(blocks)
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed_block_forward, block.forward)
+    return len(blocks)
+
+
+def _checkpointed_block_forward(forward, x, emb, context=None, transformer_options=None, *args, **kwargs):
+    """TimestepEmbedSequential.forward under torch.utils.checkpoint (see FrozenBase.checkpoint_blocks)."""
+    if not torch.is_grad_enabled() or transformer_options is None:
+        return forward(x, emb, context, transformer_options or {}, *args, **kwargs)
+    snapshot = dict(transformer_options)
+    after: dict = {}
+
+    def run(x, emb, context):
+        options = dict(snapshot)
+        out = forward(x, emb, context, options, *args, **kwargs)
+        after.update(options)
+        return out
+
+    out = torch.utils.checkpoint.checkpoint(run, x, emb, context, use_reentrant=False)
+    transformer_options.update(after)
+    return out
+
+
+def _pad_tokens(context: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad a [T, C] embedding to ``length`` tokens by repeating its last row (a padding token's embedding)."""
+    if context.shape[0] == length:
+        return context
+    return torch.cat([context, context[-1:].expand(length - context.shape[0], -1)])
