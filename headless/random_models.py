@@ -99,13 +99,13 @@ def build_model(family: str = "sd15", size: str = "tiny", inpaint: bool = False,
             model = config.get_model({})
         if inpaint:
             model.set_inpaint()
-        _randomise(model, seed)
+        randomise(model, seed)
         model.to(offload)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                            offload_device=offload)
 
 
-def _randomise(model, seed: int) -> None:
+def randomise(model, seed: int) -> None:
     """Give every parameter small random values (ComfyUI's ops skip initialisation, leaving them empty)."""
     gen = torch.Generator().manual_seed(seed)
     # Normalisation gains near 1, found by module type: many of ComfyUI's GroupNorms have no "norm" in their name
@@ -142,7 +142,7 @@ def build_clip(family: str = "sd15", seed: int = 0):
 
     with torch.inference_mode():
         clip = comfy.sd.CLIP(Target)
-        _randomise(clip.cond_stage_model, seed)
+        randomise(clip.cond_stage_model, seed)
     return clip
 
 
@@ -157,6 +157,6 @@ def build_flux_model(seed: int = 0):
            "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True}
     with torch.inference_mode():
         model = sm.Flux(cfg).get_model({})
-        _randomise(model, seed)
+        randomise(model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)

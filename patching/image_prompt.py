@@ -102,13 +102,14 @@ def encode_image_tokens(adapter: ImagePromptAdapter, clip_vision, image: torch.T
     if adapter.spec.variant == LINEAR:
         null_features = torch.zeros_like(features[:1])
     else:
-        null_features = _zero_pixel_hidden_states(clip_vision)
+        null_features = zero_pixel_hidden_states(clip_vision)
     null = adapter.project(null_features)
     count = tokens.shape[0]
     return tokens.reshape(1, -1, tokens.shape[-1]), null.repeat(1, count, 1)
 
 
-def _zero_pixel_hidden_states(clip_vision) -> torch.Tensor:
+def zero_pixel_hidden_states(clip_vision) -> torch.Tensor:
+    """The penultimate hidden states of an all-zero image (the null image of IP-Adapter-plus), [1, T, C]."""
     import comfy.model_management
 
     comfy.model_management.load_model_gpu(clip_vision.patcher)

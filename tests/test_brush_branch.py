@@ -267,7 +267,7 @@ def tiny_controlnet():
     with torch.inference_mode():
         net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
                                          device="cpu", **cfg)
-        random_models._randomise(net, 4)
+        random_models.randomise(net, 4)
     return comfy.controlnet.ControlNet(net, load_device=comfy.model_management.get_torch_device())
 
 

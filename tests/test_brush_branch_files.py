@@ -165,7 +165,7 @@ def vae():
     ddconfig = dict(sc._SD_VAE_DDCONFIG)   # ComfyUI reads the SD VAE with this fixed shape
     with torch.inference_mode():
         ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-        random_models._randomise(ae, 0)
+        random_models.randomise(ae, 0)
         v = comfy.sd.VAE(sd=ae.state_dict())
     return v
 

@@ -13,7 +13,7 @@ import torch
 
 from faithful_inpaint.kernels import sr_blend
 from faithful_inpaint.patching.errors import NodeInputError
-from headless.random_models import _randomise, build_model
+from headless.random_models import randomise, build_model
 
 _TINY_X4 = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -35,7 +35,7 @@ def build_x4_model(seed=0):
     offload = comfy.model_management.unet_offload_device()
     with torch.inference_mode():
         model = config.get_model({})
-        _randomise(model, seed)
+        randomise(model, seed)
         model.to(offload)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                            offload_device=offload)

@@ -27,7 +27,7 @@ from faithful_inpaint.patching.errors import NodeInputError
 from faithful_inpaint.patching.gradients import enable_gradients, gradient_pass
 from faithful_inpaint.patching.schedule import ScheduleWindow
 from headless import smoke_checkpoints as sc
-from headless.random_models import _randomise, build_model, model_config
+from headless.random_models import randomise, build_model, model_config
 from helpers import forward
 
 VIT_H = {"hidden_size": 1280, "projection_dim": 1024}
@@ -46,7 +46,7 @@ def clip_vision(tmp_path_factory, widths, seed=0):
     path.write_text(json.dumps(config))
     with torch.inference_mode():
         cv = comfy.clip_vision.ClipVisionModel(str(path))
-        _randomise(cv.model, seed)
+        randomise(cv.model, seed)
     return cv
 
 

@@ -13,7 +13,7 @@ from comfy.cldm.cldm import ControlNet
 from faithful_inpaint.kernels import pilot as pilot_math
 from faithful_inpaint.kernels import rasg as rasg_math
 from faithful_inpaint.patching import pilot, rasg
-from headless.random_models import _randomise, build_model, unet_config
+from headless.random_models import randomise, build_model, unet_config
 
 WORDS = [1, 2, 3]
 LATENT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
@@ -28,7 +28,7 @@ def build_controlnet(family="sd15", seed=7):
     cfg.pop("out_channels")
     with torch.inference_mode():
         net = ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu", **cfg)
-        _randomise(net, seed)
+        randomise(net, seed)
     return comfy.controlnet.ControlNet(net, load_device=comfy.model_management.get_torch_device())
 
 

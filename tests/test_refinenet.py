@@ -15,7 +15,7 @@ from faithful_inpaint.nodes import refinenet as nrn
 from faithful_inpaint.patching import refinenet as prn
 from faithful_inpaint.patching.errors import NodeInputError
 from faithful_inpaint.training.base import random_vae
-from headless.random_models import _randomise, build_model, model_config
+from headless.random_models import randomise, build_model, model_config
 from helpers import forward
 
 CLIP_WIDTH = 64
@@ -34,7 +34,7 @@ def clip_vision(tmp_path_factory):
     path.write_text(json.dumps(config))
     with torch.inference_mode():
         cv = comfy.clip_vision.ClipVisionModel(str(path))
-        _randomise(cv.model, 0)
+        randomise(cv.model, 0)
     return cv
 
 
