@@ -213,31 +213,46 @@ def profi_painter_hd(name):
                                              "steps": 2, "upscale_steps": 2}})
 
 
-def pilot_text(name):
-    """PILOT (text-guided): a plain SD1.5 checkpoint, the encoded image with its noise mask, the PILOT model patch and
-    the PILOT sampler (reference: 100 DDIM steps, optimise every 10 steps with 10 inner steps, lr 0.025, gamma 1)."""
-    g = Graph()
+def pilot_start(g):
+    """The start of every PILOT graph: a plain SD1.5 checkpoint and the image encoded with its noise mask (the known
+    image PILOT reads, ComfyUI's 1 = regenerate)."""
     ids = loaders(g, "v1-5-pruned-emaonly.safetensors", "Load plain SD1.5 checkpoint")
     ckpt, image, mask = ids["ckpt"], ids["image"], ids["mask"]
     enc = g.node("VAEEncode", [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")],
                  col=1, row=2)
     noise_mask = g.node("SetLatentNoiseMask", [], inputs=[("samples", "LATENT"), ("mask", "MASK")],
                         outputs=[("LATENT", "LATENT")], col=2, row=2)
-    guide = g.node("PILOTGuidance", [PROMPT, True], "PILOT guidance",
-                   inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=2, row=0)
-    sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.025, 0.008, 150.0, 1.0, 0.7],
-                     "PILOT sampler (reference text config)", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
     g.link(image, 0, enc, "pixels"), g.link(ckpt, 2, enc, "vae")
     g.link(enc, 0, noise_mask, "samples"), g.link(mask, 0, noise_mask, "mask")
-    g.link(ckpt, 0, guide, "model"), g.link(ckpt, 1, guide, "clip")
-    sc, sched = sample_custom(g, (guide, 0), (ids["pos"], 0), (ids["neg"], 0), sampler, (noise_mask, 0), 100,
+    ids["noise_mask"] = noise_mask
+    return ids
+
+
+def pilot_finish(g, ids, guide, sampler, positive, negative):
+    """The end of every PILOT graph: SamplerCustom (100 DDIM steps, as the reference), decode, paste, save; returns
+    the overrides with the inner-step count that smoke runs lower."""
+    sc, sched = sample_custom(g, (guide, 0), positive, negative, sampler, (ids["noise_mask"], 0), 100,
                               "Schedule (reference: 100 DDIM steps)")
     ids.update(seed=[[sc, "noise_seed"]], steps=[[sched, "steps"]],
-               result=decode_and_paste(g, (sc, 0), (ckpt, 2), image, mask))
+               result=decode_and_paste(g, (sc, 0), (ids["ckpt"], 2), ids["image"], ids["mask"]))
     ids["prompt_targets"].append([guide, "prompt"])
     save_result(g, ids)
     ov = overrides(ids)
     ov["pilot_inner_steps"] = [[sampler, "inner_steps"]]
+    return ov
+
+
+def pilot_text(name):
+    """PILOT (text-guided): a plain SD1.5 checkpoint, the encoded image with its noise mask, the PILOT model patch and
+    the PILOT sampler (reference: 100 DDIM steps, optimise every 10 steps with 10 inner steps, lr 0.025, gamma 1)."""
+    g = Graph()
+    ids = pilot_start(g)
+    guide = g.node("PILOTGuidance", [PROMPT, True], "PILOT guidance",
+                   inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=2, row=0)
+    sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.025, 0.008, 150.0, 1.0, 0.7],
+                     "PILOT sampler (reference text config)", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
+    g.link(ids["ckpt"], 0, guide, "model"), g.link(ids["ckpt"], 1, guide, "clip")
+    ov = pilot_finish(g, ids, guide, sampler, (ids["pos"], 0), (ids["neg"], 0))
     # smoke: one inner step keeps the end-to-end run on random full-size weights (CPU) short
     g.save(name, {"overrides": ov, "smoke": {"ckpt": "sd15", "image_size": [256, 256], "steps": 2,
                                              "pilot_inner_steps": 1}})

@@ -5,22 +5,18 @@ ComfyUI's CLIP vision loader and the pack's IP-Adapter loader into "Apply image 
 confined to the mask by its attention mask); PILOT guidance then prepares that model, so every inner optimisation
 step of the PILOT sampler runs the image-prompt attention too. Values: the reference's IP-Adapter configuration of
 PILOT (100 DDIM steps, optimise every 10 steps with 10 inner steps, lr 0.03, first-step lr 0.01, coef 150,
-gamma 0.8). The runner's ``--image`` feeds the scene and the subject image alike; in the UI pick the subject in
-"Subject image".
+gamma 0.8). Runner: ``--image`` / ``--mask`` the scene, ``--subject`` the subject image (smoke runs generate one);
+in the UI pick the subject in "Subject image".
 """
 from __future__ import annotations
 
-from build import PROMPT, Graph, decode_and_paste, loaders, overrides, sample_custom, save_result
+from build import PROMPT, Graph, pilot_finish, pilot_start
 
 
 def pilot_image_prompt(name):
     g = Graph()
-    ids = loaders(g, "v1-5-pruned-emaonly.safetensors", "Load plain SD1.5 checkpoint")
-    ckpt, image, mask = ids["ckpt"], ids["image"], ids["mask"]
-    enc = g.node("VAEEncode", [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")],
-                 col=1, row=2)
-    noise_mask = g.node("SetLatentNoiseMask", [], inputs=[("samples", "LATENT"), ("mask", "MASK")],
-                        outputs=[("LATENT", "LATENT")], col=2, row=2)
+    ids = pilot_start(g)
+    ckpt, mask = ids["ckpt"], ids["mask"]
     clip_vision = g.node("CLIPVisionLoader", ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"],
                          "Load CLIP vision (ViT-H-14)", outputs=[("CLIP_VISION", "CLIP_VISION")], col=0, row=3)
     adapter = g.node("ImagePromptAdapterLoader", ["ip-adapter_sd15.safetensors"], "Load IP-Adapter (SD1.5)",
@@ -35,20 +31,11 @@ def pilot_image_prompt(name):
                    inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=3, row=0)
     sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.03, 0.01, 150.0, 0.8, 0.7],
                      "PILOT sampler (reference IP-Adapter config)", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
-    g.link(image, 0, enc, "pixels"), g.link(ckpt, 2, enc, "vae")
-    g.link(enc, 0, noise_mask, "samples"), g.link(mask, 0, noise_mask, "mask")
     g.link(ckpt, 0, apply, "model"), g.link(adapter, 0, apply, "adapter"), g.link(clip_vision, 0, apply, "clip_vision")
     g.link(subject, 0, apply, "image"), g.link(mask, 0, apply, "attn_mask")
     g.link(apply, 0, guide, "model"), g.link(ckpt, 1, guide, "clip")
-    sc, sched = sample_custom(g, (guide, 0), (ids["pos"], 0), (ids["neg"], 0), sampler, (noise_mask, 0), 100,
-                              "Schedule (reference: 100 DDIM steps)")
-    ids.update(seed=[[sc, "noise_seed"]], steps=[[sched, "steps"]],
-               result=decode_and_paste(g, (sc, 0), (ckpt, 2), image, mask))
-    ids["prompt_targets"].append([guide, "prompt"])
-    save_result(g, ids)
-    ov = overrides(ids)
-    ov["image"].append([subject, "image"])
-    ov["pilot_inner_steps"] = [[sampler, "inner_steps"]]
+    ov = pilot_finish(g, ids, guide, sampler, (ids["pos"], 0), (ids["neg"], 0))
+    ov["subject"] = [[subject, "image"]]
     ov["clip_vision"] = [[clip_vision, "clip_name"]]
     ov["ipadapter"] = [[adapter, "adapter_name"]]
     ov["beta"] = [[apply, "beta"]]

@@ -9,17 +9,13 @@ semantic boundary control on).
 """
 from __future__ import annotations
 
-from build import PROMPT, Graph, decode_and_paste, loaders, overrides, sample_custom, save_result
+from build import PROMPT, Graph, pilot_finish, pilot_start
 
 
 def pilot_controlnet(name):
     g = Graph()
-    ids = loaders(g, "v1-5-pruned-emaonly.safetensors", "Load plain SD1.5 checkpoint")
-    ckpt, image, mask = ids["ckpt"], ids["image"], ids["mask"]
-    enc = g.node("VAEEncode", [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")],
-                 col=1, row=2)
-    noise_mask = g.node("SetLatentNoiseMask", [], inputs=[("samples", "LATENT"), ("mask", "MASK")],
-                        outputs=[("LATENT", "LATENT")], col=2, row=2)
+    ids = pilot_start(g)
+    ckpt, image = ids["ckpt"], ids["image"]
     control_net = g.node("ControlNetLoader", ["control_v11p_sd15_canny.pth"], "Load ControlNet (SD1.5)",
                          outputs=[("CONTROL_NET", "CONTROL_NET")], col=1, row=3)
     edges = g.node("Canny", [0.4, 0.8], "Control image (Canny edges of the input)", inputs=[("image", "IMAGE")],
@@ -33,20 +29,11 @@ def pilot_controlnet(name):
                    inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=2, row=0)
     sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.03, 0.01, 150.0, 0.8, 0.7],
                      "PILOT sampler (reference ControlNet config)", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
-    g.link(image, 0, enc, "pixels"), g.link(ckpt, 2, enc, "vae")
-    g.link(enc, 0, noise_mask, "samples"), g.link(mask, 0, noise_mask, "mask")
     g.link(image, 0, edges, "image"), g.link(edges, 0, preview, "images")
     g.link(ids["pos"], 0, apply, "positive"), g.link(ids["neg"], 0, apply, "negative")
     g.link(control_net, 0, apply, "control_net"), g.link(edges, 0, apply, "image")
     g.link(ckpt, 0, guide, "model"), g.link(ckpt, 1, guide, "clip")
-    sc, sched = sample_custom(g, (guide, 0), (apply, 0), (apply, 1), sampler, (noise_mask, 0), 100,
-                              "Schedule (reference: 100 DDIM steps)")
-    ids.update(seed=[[sc, "noise_seed"]], steps=[[sched, "steps"]],
-               result=decode_and_paste(g, (sc, 0), (ckpt, 2), image, mask))
-    ids["prompt_targets"].append([guide, "prompt"])
-    save_result(g, ids)
-    ov = overrides(ids)
-    ov["pilot_inner_steps"] = [[sampler, "inner_steps"]]
+    ov = pilot_finish(g, ids, guide, sampler, (apply, 0), (apply, 1))
     ov["controlnet"] = [[control_net, "control_net_name"]]
     # smoke: one inner step keeps the end-to-end run on random full-size weights (CPU) short
     g.save(name, {"overrides": ov, "smoke": {"ckpt": "sd15", "controlnet": "controlnet_sd15",
