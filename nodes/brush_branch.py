@@ -21,6 +21,7 @@ from ..patching import family
 from ..patching.brush_branch import (BranchConditioning, BrushBranchHooks, branch_dtype, branch_patcher,
                                      plan_for)
 from ..patching.errors import NodeInputError
+from ..patching.model_files import model_file_path, register_model_folder
 from ..patching.painternet import check_acp_blocks, pad_context
 from ..patching.schedule import ScheduleWindow
 
@@ -32,9 +33,7 @@ FOLDER = "inpaint"
 NONE = "none"
 
 # ComfyUI has no "inpaint" folder of its own; ComfyUI-BrushNet users keep their branch files in models/inpaint.
-if FOLDER not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
-                                                   set(folder_paths.supported_pt_extensions) | {".bin"})
+register_model_folder(FOLDER, extra_extensions={".bin"})
 
 Branch = io.Custom("BRUSH_BRANCH")
 
@@ -208,9 +207,7 @@ class BrushBranchLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, branch_name, powerpaint_text_encoder=NONE) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, branch_name)
-        if path is None:
-            raise NodeInputError(LOADER_NODE, "branch_name", f"{branch_name} is not in models/{FOLDER}.")
+        path = model_file_path(FOLDER, branch_name, LOADER_NODE, "branch_name")
         te = None
         if powerpaint_text_encoder and powerpaint_text_encoder != NONE:
             te = folder_paths.get_full_path(FOLDER, powerpaint_text_encoder)

@@ -12,6 +12,7 @@ from ..kernels.image_prompt import ImagePromptAdapter
 from ..patching import image_prompt as ip
 from ..patching import prompt
 from ..patching.errors import NodeInputError
+from ..patching.model_files import model_file_path, register_model_folder
 from ..patching.schedule import ScheduleWindow
 
 CATEGORY = "inpaint/faithful/LAR-Gen"
@@ -21,9 +22,7 @@ APPLY_NODE = "ImagePromptApply"
 Adapter = io.Custom("IMAGE_PROMPT_ADAPTER")
 
 # ComfyUI has no "ipadapter" folder of its own; IPAdapter_plus registers models/ipadapter the same way.
-if FOLDER not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
-                                                   set(folder_paths.supported_pt_extensions))
+register_model_folder(FOLDER)
 
 
 def load_adapter(path: str, node: str = LOADER_NODE, input_name: str = "adapter_name") -> ImagePromptAdapter:
@@ -52,10 +51,7 @@ class ImagePromptAdapterLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, adapter_name)
-        if path is None:
-            raise NodeInputError(LOADER_NODE, "adapter_name", f"{adapter_name!r} is not in models/{FOLDER}.")
-        return io.NodeOutput(load_adapter(path))
+        return io.NodeOutput(load_adapter(model_file_path(FOLDER, adapter_name, LOADER_NODE, "adapter_name")))
 
 
 class ImagePromptApply(io.ComfyNode):

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..kernels import refinenet as rn
 from ..patching import family
 from ..patching.errors import NodeInputError
+from ..patching.model_files import model_file_path, register_model_folder
 from ..patching.refinenet import RefineNet, RefineNetHooks, decoder_layers
 from ..patching.schedule import ScheduleWindow
 
@@ -26,9 +27,7 @@ LEVELS = {"at_h8": 1, "at_h16": 2, "at_h32": 4, "at_h64": 8}
 UNCOND_NONE, UNCOND_SUBJECT = "no subject (null image prompt)", "subject too"
 
 # ComfyUI has no folder for RefineNet files: models/refinenet, registered the way other packs add theirs.
-if FOLDER not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
-                                                   set(folder_paths.supported_pt_extensions))
+register_model_folder(FOLDER)
 
 
 def load_refinenet(path: str, node: str = LOADER_NODE, input_name: str = "refinenet_name") -> RefineNet:
@@ -57,9 +56,7 @@ class RefineNetLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, refinenet_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, refinenet_name)
-        if path is None:
-            raise NodeInputError(LOADER_NODE, "refinenet_name", f"{refinenet_name!r} is not in models/{FOLDER}.")
+        path = model_file_path(FOLDER, refinenet_name, LOADER_NODE, "refinenet_name")
         return io.NodeOutput(load_refinenet(path))
 
 
