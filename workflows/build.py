@@ -83,6 +83,16 @@ def sample_custom(g, model_src, pos_src, neg_src, sampler, latent_src, steps, ti
     return sc, sched
 
 
+def ksampler(g, model, positive, negative, latent, title, col, sampler="ddim", scheduler="ddim_uniform"):
+    """A KSampler at the papers' settings (50 steps, CFG 7.5, seed 7), its inputs linked from (node, slot) sources."""
+    ks = g.node("KSampler", [7, "fixed", 50, 7.5, sampler, scheduler, 1.0], title,
+                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                        ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], col=col, row=1)
+    g.link(*model, ks, "model"), g.link(*positive, ks, "positive"), g.link(*negative, ks, "negative")
+    g.link(*latent, ks, "latent_image")
+    return ks
+
+
 def decode_and_paste(g, latent_src, vae_src, image, mask):
     """VAEDecode, then the result pasted into the original inside the mask; returns the composite node."""
     dec = g.node("VAEDecode", [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
@@ -121,12 +131,7 @@ def inpaint_stage(g, painta: bool, rasg: bool | None, prompt_suffix=""):
         model_src = (pa, 0)
         ids["prompt_targets"].append([pa, "prompt"])
     if rasg is None:
-        ks = g.node("KSampler", [7, "fixed", 50, 7.5, "ddim", "ddim_uniform", 1.0],
-                    "Sampler (paper: DDIM 50, CFG 7.5)", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
-                    ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
-                    col=3, row=1)
-        g.link(*model_src, ks, "model")
-        g.link(cond, 0, ks, "positive"), g.link(cond, 1, ks, "negative"), g.link(cond, 2, ks, "latent_image")
+        ks = ksampler(g, model_src, (cond, 0), (cond, 1), (cond, 2), "Sampler (paper: DDIM 50, CFG 7.5)", col=3)
         ids.update(seed=[[ks, "seed"]], steps=[[ks, "steps"]], latent=(ks, 0))
     else:
         if rasg:

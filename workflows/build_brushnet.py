@@ -9,7 +9,7 @@ powerpaint.json: the same with PowerPaint v2's branch, its text encoder (task pr
 """
 from __future__ import annotations
 
-from build import Graph, loaders, overrides, save_result
+from build import Graph, ksampler, loaders, overrides, save_result
 
 BRUSHNET_FILE = "brushnet/random_mask_brushnet_ckpt/diffusion_pytorch_model.safetensors"
 POWERPAINT_FILE = "powerpaint/diffusion_pytorch_model.safetensors"
@@ -30,11 +30,8 @@ def branch_workflow(name, branch_file, text_encoder, task):
     g.link(ckpt, 0, apply, "model"), g.link(loader, 0, apply, "branch"), g.link(ckpt, 2, apply, "vae")
     g.link(image, 0, apply, "image"), g.link(mask, 0, apply, "mask")
     g.link(ids["pos"], 0, apply, "positive"), g.link(ids["neg"], 0, apply, "negative")
-    ks = g.node("KSampler", [7, "fixed", 50, 7.5, "uni_pc", "normal", 1.0], "Sampler (reference: UniPC 50, CFG 7.5)",
-                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                        ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], col=3, row=1)
-    g.link(apply, 0, ks, "model"), g.link(apply, 1, ks, "positive"), g.link(apply, 2, ks, "negative")
-    g.link(apply, 3, ks, "latent_image")
+    ks = ksampler(g, (apply, 0), (apply, 1), (apply, 2), (apply, 3), "Sampler (reference: UniPC 50, CFG 7.5)", col=3,
+                  sampler="uni_pc", scheduler="normal")
     dec = g.node("VAEDecode", [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
                  col=4, row=1)
     g.link(ks, 0, dec, "samples"), g.link(ckpt, 2, dec, "vae")

@@ -16,7 +16,7 @@ Runner overrides: --image / --mask the scene, --subject the subject image (smoke
 """
 from __future__ import annotations
 
-from build import Graph, loaders, overrides, save_result
+from build import Graph, ksampler, loaders, overrides, save_result
 
 SUBJECT_PROMPT = "a plush toy sitting on the table"
 BETA_WITH_REFINENET = 0.3       # LAR-Gen sec. 4.4 / 6.2: beta 0.3 in stage 2 (with RefineNet)
@@ -73,12 +73,7 @@ def lar_gen(name, mode):
         ov_extra["refinenet"] = [[refine_loader, "refinenet_name"]]
         smoke["refinenet"] = "refinenet_sd15"
 
-    ks = g.node("KSampler", [7, "fixed", 50, 7.5, "ddim", "ddim_uniform", 1.0],
-                "Sampler (paper: CFG 7.5; DDIM 50)", inputs=[("model", "MODEL"), ("positive", "CONDITIONING"),
-                ("negative", "CONDITIONING"), ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")],
-                col=4, row=1)
-    g.link(*model_src, ks, "model")
-    g.link(cond, 0, ks, "positive"), g.link(cond, 1, ks, "negative"), g.link(cond, 2, ks, "latent_image")
+    ks = ksampler(g, model_src, (cond, 0), (cond, 1), (cond, 2), "Sampler (paper: CFG 7.5; DDIM 50)", col=4)
     dec = g.node("VAEDecode", [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],
                  col=5, row=1)
     g.link(ks, 0, dec, "samples"), g.link(ckpt, 2, dec, "vae")

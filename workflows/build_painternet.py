@@ -14,7 +14,7 @@ states its sampler), then the result is pasted into the original inside the mask
 """
 from __future__ import annotations
 
-from build import PROMPT, Graph, decode_and_paste, loaders, overrides, save_result
+from build import PROMPT, Graph, decode_and_paste, ksampler, loaders, overrides, save_result
 
 GLOBAL_PROMPT = "a cosy living room with a wooden table, soft daylight"
 
@@ -44,11 +44,8 @@ def branch_workflow(name, kind, smoke_kind):
         g.link(ckpt, 1, local, "clip"), g.link(local, 0, apply, "local_prompt")
         extra_overrides["global_prompt"] = ids["prompt_targets"]
         ids["prompt_targets"] = [[local, "text"]]
-    ks = g.node("KSampler", [7, "fixed", 50, 7.5, "uni_pc", "normal", 1.0], "Sampler (50 steps, CFG 7.5)",
-                inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                        ("latent_image", "LATENT")], outputs=[("LATENT", "LATENT")], col=3, row=1)
-    g.link(apply, 0, ks, "model"), g.link(apply, 1, ks, "positive"), g.link(apply, 2, ks, "negative")
-    g.link(apply, 3, ks, "latent_image")
+    ks = ksampler(g, (apply, 0), (apply, 1), (apply, 2), (apply, 3), "Sampler (50 steps, CFG 7.5)", col=3,
+                  sampler="uni_pc", scheduler="normal")
     ids.update(seed=[[ks, "seed"]], steps=[[ks, "steps"]], result=decode_and_paste(g, (ks, 0), (ckpt, 2), image, mask))
     save_result(g, ids)
     g.save(name, {"overrides": {**overrides(ids), **extra_overrides},
