@@ -197,3 +197,16 @@ def test_recipes_train_and_export_files_the_loader_reads(data_dir, tmp_path, rec
     state = loaded.patcher.model.state_dict()
     assert state.keys() == trained.keys() and all(torch.equal(state[k].float(), trained[k]) for k in state)
     assert (tmp_path / "validation" / "step-00000002.png").is_file()
+
+
+def test_learning_rate_schedules():
+    from training.core import lr_factor
+
+    constant = lr_factor("constant", warmup=4, max_steps=20)
+    assert [constant(s) for s in (0, 3, 4, 19)] == [0.25, 1.0, 1.0, 1.0]
+    cosine = lr_factor("cosine", warmup=4, max_steps=20)
+    assert [cosine(s) for s in (0, 3)] == [0.25, 1.0]                     # the same linear warm-up
+    assert cosine(4) == 1.0 and cosine(12) == pytest.approx(0.5) and cosine(20) == pytest.approx(0.0)
+    assert all(cosine(s) >= cosine(s + 1) for s in range(4, 20))          # decays monotonically after it
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor("linear", warmup=0, max_steps=10)

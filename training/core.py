@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,9 @@ from .data import ResumableSampler
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class CoreConfig:
     output_dir: str
@@ -45,6 +49,7 @@ class CoreConfig:
     gradient_accumulation: int = 1
     learning_rate: float = 1e-5
     lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"         # after the warm-up: "constant" | "cosine" (to 0 at max_steps)
     weight_decay: float = 1e-2
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -76,6 +81,8 @@ def add_core_options(optimisation: argparse._ArgumentGroup, checkpoints: argpars
     g.add_argument("--gradient-accumulation", type=int, default=1)
     g.add_argument("--lr", type=float, default=lr, help=lr_help)
     g.add_argument("--lr-warmup-steps", type=int, default=500)
+    g.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES),
+                   help="after the warm-up: constant, or cosine decay to 0 at --max-steps")
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"],
@@ -101,7 +108,7 @@ def core_config_from_args(args: argparse.Namespace, **overrides) -> CoreConfig:
     fields = dict(
         output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
         gradient_accumulation=args.gradient_accumulation, learning_rate=args.lr,
-        lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         log_every=args.log_every, log_with=args.log_with, seed=args.seed, num_workers=args.num_workers,
@@ -237,8 +244,21 @@ def checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def warmup_then_constant(warmup: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_factor(schedule: str, warmup: int, max_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier at optimizer step ``step``: a linear warm-up over ``warmup`` steps, then
+    constant or a cosine from 1 down to 0 at ``max_steps``."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got {schedule!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
 
 
 def train(config: CoreConfig, task: Task, callbacks: tuple = ()) -> RunResult:
@@ -269,7 +289,8 @@ def train(config: CoreConfig, task: Task, callbacks: tuple = ()) -> RunResult:
     model = TaskModule(task).to(accelerator.device)
     optimizer = torch.optim.AdamW(task.param_groups(config.learning_rate), betas=tuple(config.adam_betas),
                                   eps=config.adam_eps, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(config.lr_warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(config.lr_schedule, config.lr_warmup_steps, config.max_steps))
     if accelerator.state.deepspeed_plugin is not None:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
