@@ -11,6 +11,7 @@ start-up does (``nodes.load_custom_node``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -99,11 +100,13 @@ def load_pack_nodes():
     start()
     import asyncio
 
-    import nodes
+    with _audio_import_failures_summarised():
+        import nodes
 
     if PACK_MODULE_NAME not in sys.modules:
         if not getattr(nodes, "_faithful_inpaint_builtins_loaded", False):
-            asyncio.run(nodes.init_builtin_extra_nodes())
+            with _audio_import_failures_summarised():
+                asyncio.run(nodes.init_builtin_extra_nodes())
             nodes._faithful_inpaint_builtins_loaded = True
         if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT), module_parent="custom_nodes")):
             raise RuntimeError(f"ComfyUI failed to load the pack from {PACK_ROOT}; see the log above")
@@ -111,6 +114,28 @@ def load_pack_nodes():
         for name in [n for n in sys.modules if n == loaded_as or n.startswith(loaded_as + ".")]:
             sys.modules[PACK_MODULE_NAME + name[len(loaded_as):]] = sys.modules[name]
     return nodes.NODE_CLASS_MAPPINGS
+
+
+@contextlib.contextmanager
+def _audio_import_failures_summarised():
+    """ComfyUI logs a warning, or a full traceback, for each audio model and node module when torchaudio is missing
+    (the pack does not need it); while ComfyUI's nodes load, those records become one INFO line."""
+    dropped = []
+
+    def drop_torchaudio(record: logging.LogRecord) -> bool:
+        if "torchaudio" in record.getMessage():
+            dropped.append(record)
+            return False
+        return True
+
+    root = logging.getLogger()
+    root.addFilter(drop_torchaudio)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop_torchaudio)
+    if dropped:
+        logging.info("ComfyUI's audio nodes are not available: torchaudio is not installed (not needed here).")
 
 
 def quiet_logging() -> None:
