@@ -14,7 +14,7 @@ square") or one object's local caption ("a red circle"), half and half. The inpa
 box (grown by 1-3 cells) with its local caption half of the time, a random box with the global caption 35% of the
 time, and the whole image 15% of the time.
 
-Optimisation (defaults): AdamW through the core, batch 16, 1200 steps, lr 1e-3 after 50 warm-up steps with a cosine
+Optimisation (defaults): AdamW through the core, batch 16, 2200 steps, lr 1e-3 after 100 warm-up steps with a cosine
 decay to 0 at the last step, Min-SNR-5 loss weighting, and the exported weights are an
 exponential moving average (decay 0.995) of the trained ones.
 
@@ -22,7 +22,7 @@ Output: ``<output-dir>/<name>.safetensors`` (UNet under ``model.diffusion_model.
 ``text_encoder.``, fp16, configs and the training command in the metadata), which ToyWorldLoader reads from the
 repository's ``toy/`` folder. The command that produced the shipped files is in README (toy world section).
 
-    python -m training.toy_world --variant plain --output-dir runs/toy_world            # ~20 min on 2 cores
+    python -m training.toy_world --variant plain --output-dir runs/toy_world            # ~21 min on 2 idle cores
     python -m training.toy_world --evaluate runs/toy_world/toy_world.safetensors       # prompt following
 """
 from __future__ import annotations
@@ -275,10 +275,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", metavar="FILE", help="only score a trained file (text-to-image and inpainting "
                                                       "prompt following) and exit")
     p.add_argument("--samples", type=int, default=60, help="samples per --evaluate score")
-    p.add_argument("--max-steps", type=int, default=1200)
+    p.add_argument("--max-steps", type=int, default=2200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-warmup-steps", type=int, default=50)
+    p.add_argument("--lr-warmup-steps", type=int, default=100)
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"],
                    help="after the warm-up (cosine: decays to 0 at --max-steps)")
     p.add_argument("--weight-decay", type=float, default=1e-2)
