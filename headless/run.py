@@ -1,13 +1,16 @@
 """Run a ComfyUI workflow headless: the UI's Queue button, from the command line.
 
-    python -m headless.run WORKFLOW.json [--out DIR] [--image PATH] [--mask PATH] [--subject PATH]
+    python -m headless.run [WORKFLOW.json] [--out DIR] [--image PATH] [--mask PATH] [--subject PATH]
                            [--prompt TEXT] [--negative TEXT] [--seed N] [--steps N] [--ckpt FILE ...] [--branch FILE]
                            [--smoke] [--comfyui-base DIR]
 
 WORKFLOW is a workflow saved by ComfyUI's UI (or a PNG ComfyUI saved, which embeds it; an API-format prompt runs
-as it is, without overrides). It is converted with the live node definitions (:mod:`headless.ui_to_api`), the
-overrides it declares are applied (:mod:`headless.overrides`), and the prompt runs through ComfyUI's real
-``validate_prompt`` + ``PromptExecutor`` (:mod:`headless.execute`); a validation error on any output fails the run.
+as it is, without overrides). Without it the runner runs the toy-world demo, ``workflows/toy_world_demo.json``
+(PAIntA on the pack's own small inpainting model: no download, no checkpoint); with ``--ckpt`` and no WORKFLOW,
+``workflows/profi_painter.json`` on that checkpoint. The workflow is converted with the live node definitions
+(:mod:`headless.ui_to_api`), the overrides it declares are applied (:mod:`headless.overrides`), and the prompt runs
+through ComfyUI's real ``validate_prompt`` + ``PromptExecutor`` (:mod:`headless.execute`); a validation error on any
+output fails the run.
 Every image of every SaveImage / PreviewImage node is written as ``<workflow>-<node id>-<node title>-<NN>.png``
 into ``--out`` (default ``./output``), with the prompt and workflow embedded as ComfyUI embeds them.
 
@@ -20,7 +23,8 @@ with ``training/``).
 image and a centred rectangular mask (and a subject image, for workflows that declare a 'subject' override) when none
 are given; THE OUTPUT IS THEN NOISE. ``--comfyui-base`` selects ComfyUI's models/, input/, output/ folders (default:
 ComfyUI's own; ``.smoke/comfyui`` of this repository with ``--smoke``). Exit status: 0 on success, 1 when
-the workflow or ComfyUI reports an error (printed with node id, type and message), 130 when interrupted.
+the workflow or ComfyUI reports an error (printed as one ``error:`` line with node id, type and message; ``-v`` also
+shows ComfyUI's own log of it, traceback included), 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ from headless.execute import RunError, RunInterrupted, interrupt_on_ctrl_c, run_
 from headless.overrides import OverrideError, apply_overrides, declared_targets, pack_extra  # noqa: E402
 from headless.ui_to_api import WorkflowError, convert  # noqa: E402
 
+WORKFLOWS = host.PACK_ROOT / "workflows"
+TOY_DEMO, CKPT_DEFAULT = WORKFLOWS / "toy_world_demo.json", WORKFLOWS / "profi_painter.json"
 NOISE_BANNER = "SMOKE MODE: random-weight models, the output images are NOISE (this checks the plumbing, not quality)."
 DEFAULT_SMOKE_IMAGE_SIZE = (256, 256)
 
@@ -48,7 +54,9 @@ DEFAULT_SMOKE_IMAGE_SIZE = (256, 256)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m headless.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workflow", help="workflow saved by ComfyUI's UI (.json), or a PNG that embeds one")
+    p.add_argument("workflow", nargs="?",
+                   help="workflow saved by ComfyUI's UI (.json), or a PNG that embeds one (default: "
+                        "workflows/toy_world_demo.json, the toy-world demo; with --ckpt: workflows/profi_painter.json)")
     p.add_argument("--out", default="output", help="folder for the output PNGs (default: ./output)")
     p.add_argument("--image", help="input image file (override 'image')")
     p.add_argument("--mask", help="mask file, white = inpaint (override 'mask')")
@@ -64,6 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--comfyui-base", help="ComfyUI base directory (models/, input/, output/)")
     p.add_argument("-v", "--verbose", action="store_true", help="show ComfyUI's info log")
     return p.parse_args(argv)
+
+
+def default_workflow(ckpt) -> Path:
+    """The workflow run when none is named: the toy-world demo, or ProFI-Painter when a checkpoint is given."""
+    return CKPT_DEFAULT if ckpt else TOY_DEMO
+
+
+def not_comfyui_error_log(record: logging.LogRecord) -> bool:
+    """Logging filter: drops ComfyUI's own log of a failed node or prompt (execution.py, with the traceback); the
+    runner reports the same error as one ``error:`` line."""
+    return not (record.levelno >= logging.ERROR and record.module == "execution")
 
 
 def load_workflow(path: str) -> dict:
@@ -150,6 +169,18 @@ def make_test_subject(size):
     return img
 
 
+def smoke_model_kinds(workflow: dict) -> dict[str, list[str]]:
+    """The overrides whose smoke value names random-weight model kinds (headless.smoke_checkpoints.KINDS)."""
+    from headless import smoke_checkpoints
+
+    out = {}
+    for key, value in (pack_extra(workflow).get("smoke") or {}).items():
+        kinds = value if isinstance(value, list) else [value]
+        if kinds and all(isinstance(k, str) and k in smoke_checkpoints.KINDS for k in kinds):
+            out[key] = kinds
+    return out
+
+
 def smoke_values(workflow: dict, given: dict, scratch: Path) -> dict:
     """Override values for a smoke run: generated model files, test image and mask, smoke defaults."""
     import folder_paths
@@ -160,11 +191,12 @@ def smoke_values(workflow: dict, given: dict, scratch: Path) -> dict:
     size = tuple(smoke.get("image_size") or DEFAULT_SMOKE_IMAGE_SIZE)
     values = {}
     models_dir = smoke_checkpoints.default_models_dir()
+    model_kinds = smoke_model_kinds(workflow)
     for key, value in smoke.items():
         if key == "image_size" or key in given:
             continue
-        kinds = value if isinstance(value, list) else [value]
-        if kinds and all(isinstance(k, str) and k in smoke_checkpoints.KINDS for k in kinds):
+        if key in model_kinds:
+            kinds = model_kinds[key]
             values[key] = []
             for kind in kinds:  # one kind per target of the key, in order
                 print(f"Smoke: random-weight '{kind}' model for '{key}' (generated once into {models_dir}) ...")
@@ -221,14 +253,20 @@ class Progress:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.workflow is None:
+        args.workflow = str(default_workflow(args.ckpt))
+        what = "ProFI-Painter on your checkpoint" if args.ckpt else "the toy-world demo (the pack's own small model)"
+        print(f"No workflow given: running {what}, {args.workflow}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.verbose:
+        logging.getLogger().removeFilter(not_comfyui_error_log)
+    else:
+        logging.getLogger().addFilter(not_comfyui_error_log)
     base = args.comfyui_base or (str(host.PACK_ROOT / ".smoke" / "comfyui") if args.smoke else None)
     try:
         workflow = load_workflow(args.workflow)
         host.start(base_directory=base)
         host.load_pack_nodes()
-        if args.smoke:
-            print(NOISE_BANNER)
         api_format = "nodes" not in workflow and all(isinstance(v, dict) and "class_type" in v
                                                      for v in workflow.values())
         prompt = workflow if api_format else convert(workflow)
@@ -244,6 +282,10 @@ def main(argv=None) -> int:
             ("branch", [stage_model(args.branch, "inpaint")] if args.branch else None),
         ) if value is not None}
         values = dict(given)
+        # The banner only where smoke mode really puts random-weight models in (not the toy demo's own files).
+        random_models = args.smoke and any(key not in given for key in smoke_model_kinds(workflow))
+        if random_models:
+            print(NOISE_BANNER)
         if args.smoke:
             import folder_paths
 
@@ -266,7 +308,7 @@ def main(argv=None) -> int:
         print(f"wrote {path}")
     if not written:
         print("The workflow ran but saved no images (no SaveImage / PreviewImage node produced output).")
-    if args.smoke:
+    if random_models:
         print(NOISE_BANNER)
     return 0
 

@@ -69,11 +69,12 @@ def loaders(g, ckpt_name, ckpt_title, prompt=PROMPT):
     return {"ckpt": ckpt, "image": image, "mask": mask, "pos": pos, "neg": neg, "prompt_targets": [[pos, "text"]]}
 
 
-def sample_custom(g, model_src, pos_src, neg_src, sampler, latent_src, steps, title):
-    """BasicScheduler (ddim_uniform) + SamplerCustom (CFG 7.5) around ``sampler``; returns (SamplerCustom, scheduler)."""
+def sample_custom(g, model_src, pos_src, neg_src, sampler, latent_src, steps, title, seed=7, cfg=7.5):
+    """BasicScheduler (ddim_uniform) + SamplerCustom around ``sampler`` (the papers' CFG 7.5 and the pack's seed 7
+    unless given); returns (SamplerCustom, scheduler)."""
     sched = g.node("BasicScheduler", ["ddim_uniform", steps, 1.0], title, inputs=[("model", "MODEL")],
                    outputs=[("SIGMAS", "SIGMAS")], col=3, row=3)
-    sc = g.node("SamplerCustom", [True, 7, "fixed", 7.5], "Sample (CFG 7.5)",
+    sc = g.node("SamplerCustom", [True, seed, "fixed", cfg], f"Sample (CFG {cfg:g})",
                 inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                         ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
                 outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], col=4, row=1)

@@ -1,0 +1,79 @@
+"""The main command's default: the toy-world demo (workflows/toy_world_demo.json) on the model files in toy/.
+
+The files are the pack's own (trained by training/toy_world.py and shipped in toy/); these tests use exactly those
+files, through ToyWorldLoader and through the runner's real execution-engine path."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from headless import run
+from kernels import toy_world as tw
+
+TOY_FILES = {"toy_world_inpaint.safetensors": 9, "toy_world.safetensors": 4}   # file -> UNet input channels
+GAP = 8                                                                         # ImageStitch spacing in the demo
+
+
+def pixels(image: np.ndarray) -> np.ndarray:
+    """A [0, 1] image as SaveImage writes it (clip, scale by 255, truncate to uint8)."""
+    return np.clip(255.0 * image, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", TOY_FILES)
+def test_shipped_toy_files_load_through_the_loader(name):
+    import comfy.sd
+    from faithful_inpaint.nodes.toy_world import PACK_TOY_DIR, ToyWorldLoader
+
+    assert (PACK_TOY_DIR / name).is_file(), f"{PACK_TOY_DIR / name} is missing: the pack ships it (see toy/README.md)"
+    with torch.inference_mode():
+        model, clip, vae = ToyWorldLoader.execute(name).result
+    assert model.model.diffusion_model.input_blocks[0][0].in_channels == TOY_FILES[name]
+    assert isinstance(clip, comfy.sd.CLIP) and isinstance(vae, comfy.sd.VAE)
+
+
+def test_demo_runs_through_the_runner_and_keeps_the_scene_outside_the_mask(tmp_path):
+    seed = 5                                        # --seed N gives scene N (and sampler seed N)
+    assert run.main([str(run.TOY_DEMO), "--seed", str(seed), "--steps", "4", "--out", str(tmp_path)]) == 0
+    case = tw.make_case(seed, "nearby")
+    scene, hole = pixels(case.scene.image()), case.mask_image() > 0.5
+    (result,) = tmp_path.glob("toy_world_demo-*-Result-00.png")
+    out = np.asarray(Image.open(result).convert("RGB"))
+    assert out.shape == scene.shape
+    assert np.array_equal(out[~hole], scene[~hole])                              # pasted into the scene exactly
+    assert np.abs(out[hole].astype(int) - scene[hole]).max() > 12                 # the hole was regenerated
+    (before_after,) = tmp_path.glob("toy_world_demo-*-Before-and-after-00.png")
+    panels = np.asarray(Image.open(before_after).convert("RGB"))
+    size = scene.shape[1]
+    assert panels.shape == (scene.shape[0], 3 * size + 2 * GAP, 3)                 # scene | mask | result
+    assert np.array_equal(panels[:, :size], scene) and np.array_equal(panels[:, -size:], out)
+
+
+def test_without_a_workflow_the_runner_picks_the_toy_demo_or_profi_painter_with_a_checkpoint():
+    assert run.parse_args([]).workflow is None
+    assert run.default_workflow(None) == run.TOY_DEMO and run.TOY_DEMO.name == "toy_world_demo.json"
+    assert run.default_workflow(["my-inpainting.safetensors"]) == run.CKPT_DEFAULT
+    assert run.CKPT_DEFAULT.name == "profi_painter.json"
+    assert run.TOY_DEMO.is_file() and run.CKPT_DEFAULT.is_file()
+
+
+def test_ckpt_without_a_workflow_runs_profi_painter(tmp_path, capsys):
+    # A name ComfyUI does not list fails validation, before anything loads: enough to see which workflow ran.
+    assert run.main(["--ckpt", "no-such-checkpoint.safetensors", "--out", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "Running " in out and "profi_painter.json" in out
+    assert "no-such-checkpoint.safetensors" in err
+
+
+def test_missing_toy_files_end_in_one_error_line_with_the_training_command(monkeypatch, capsys, caplog):
+    import folder_paths
+    from faithful_inpaint.nodes.toy_world import FOLDER
+
+    real = folder_paths.get_full_path
+    monkeypatch.setattr(folder_paths, "get_full_path",
+                        lambda folder, name: None if folder == FOLDER else real(folder, name))
+    assert run.main([]) == 1
+    out, err = capsys.readouterr()
+    assert "toy_world_demo.json" in out.splitlines()[0]
+    (line,) = [l for l in err.splitlines() if l.startswith("error:")]
+    assert "ToyWorldLoader" in line and "python -m training.toy_world --variant inpaint" in line
+    assert "Traceback" not in err + caplog.text
