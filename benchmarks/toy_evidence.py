@@ -1,0 +1,480 @@
+"""Evidence harness: does each mechanism make the toy model inpaint what the prompt asks for?
+
+    .venv/bin/python benchmarks/toy_evidence.py --out runs/evidence            # 200 cases per mechanism
+    .venv/bin/python benchmarks/toy_evidence.py --cases 40 --only baseline PAIntA --out runs/quick
+
+Every mechanism runs the same paired inpainting cases (kernels/toy_world.make_cases: half with the mask on empty
+background, half with the mask next to an object of another colour and shape) with the same noise seeds, through
+the pack's own nodes and ComfyUI's sampling (comfy.sample.sample_custom, as SamplerCustom runs it, inside inference
+mode as the executor runs nodes). Results are scored as blobs (kernels/toy_world.score_case) on the latent read back
+with the toy VAE's exact mapping (kernels/toy_world.latent_to_cells), so no pixels are decoded.
+
+Reported per mechanism: colour present / dominant and shape right inside the mask (with Wilson 95% intervals), the
+paired difference to its baseline (95% interval of the mean of per-case differences), preservation outside the mask
+(mean absolute error of the sampled latent before any paste-back, cells changed by > 0.1), and seconds per image.
+Positive controls first: blocking every masked->known self-attention link must change the output, and the attention
+statistics per level say how much masked pixels attend to the known region at all.
+
+Outputs in --out: results.md (the tables), results.json (every case's scores), grid.png (cases x mechanisms).
+Adding a mechanism is one entry in MECHANISMS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+from headless import host  # noqa: E402
+from kernels import toy_world as tw  # noqa: E402
+
+METRICS = ("present", "dominant", "shape_ok")
+TOY_FILES = {"inpaint": "toy_world_inpaint.safetensors", "plain": "toy_world.safetensors"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mechanisms: each entry patches the case's model with the pack's own nodes and names its sampler
+
+
+@dataclass
+class CaseInputs:
+    model: Any            # ModelPatcher of the toy model the entry runs on
+    clip: Any
+    vae: Any
+    prompt: str
+    image: torch.Tensor   # [1, H, W, 3] the scene
+    mask: torch.Tensor    # [1, H, W] pixels, 1 = inpaint
+    positive: Any         # the conditionings the sampler gets
+    negative: Any
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    name: str
+    model: str            # "inpaint": 9-channel toy model (InpaintModelConditioning); "plain": 4-channel, noise mask
+    baseline: str | None  # the entry its paired differences are taken against
+    prepare: Callable[[CaseInputs], tuple[Any, Any]]   # -> (patched ModelPatcher, KSAMPLER)
+
+
+def _ddim():
+    import comfy.samplers
+
+    return comfy.samplers.sampler_object("ddim")
+
+
+def _nodes():
+    from faithful_inpaint.nodes import painta, pilot, rasg
+
+    return painta, pilot, rasg
+
+
+def plain(ci: CaseInputs):
+    return ci.model, _ddim()
+
+
+def with_painta(ci: CaseInputs, model=None):
+    painta, _, _ = _nodes()
+    from faithful_inpaint.kernels.painta import REFERENCE_SMOOTHING_SIGMA
+
+    patched, _ = painta.PAIntAPatch.execute(model=model or ci.model, clip=ci.clip, prompt=ci.prompt, mask=ci.mask,
+                                            at_h8=False, at_h16=True, at_h32=True, at_h64=False, start_percent=0.0,
+                                            end_percent=0.5, smoothing=REFERENCE_SMOOTHING_SIGMA)
+    return patched
+
+
+def painta_only(ci: CaseInputs):
+    return with_painta(ci), _ddim()
+
+
+def rasg_on(ci: CaseInputs, model=None):
+    _, _, rasg = _nodes()
+    (guided,) = rasg.RASGGuidance.execute(model=model or ci.model, clip=ci.clip, prompt=ci.prompt,
+                                          attention_resolution="1/32 (paper)", mask=ci.mask)
+    (sampler,) = rasg.RASGSampler.execute(eta=0.15, sigma_rule="paper (eq. 11)", guide_start=0.0, guide_end=1.0)
+    return guided, sampler
+
+
+def painta_and_rasg(ci: CaseInputs):
+    return rasg_on(ci, with_painta(ci))
+
+
+def pilot_on(ci: CaseInputs):
+    # The reference optimises every 10 of 100 steps with 10 inner steps (100 gradient steps); at 20 steps: every
+    # 2nd step with 5 inner steps (50 gradient steps, to keep 200 cases affordable on a CPU), over the whole
+    # schedule (gamma 1, the text configuration).
+    _, pilot, _ = _nodes()
+    (guided,) = pilot.PILOTGuidance.execute(model=ci.model, clip=ci.clip, prompt=ci.prompt,
+                                            semantic_boundary_control=True)
+    (sampler,) = pilot.PILOTSampler.execute(preset="reference", optimise_every=2, inner_steps=5, lr=0.025,
+                                            lr_warmup=0.008, coef=150.0, gamma=1.0, momentum=0.7)
+    return guided, sampler
+
+
+def masked_to_known_blocked(ci: CaseInputs):
+    """Positive control: every self-attention layer with masked queries barred from known keys, at every step."""
+    return block_masked_to_known(ci.model, ci.mask), _ddim()
+
+
+def block_masked_to_known(model, mask: torch.Tensor):
+    """A clone of ``model`` whose self-attention rows of masked pixels (``mask`` [1, H, W], 1 = inpaint, any
+    resolution) attend to masked pixels only; known pixels' rows are the host's attention output unchanged."""
+    from faithful_inpaint.patching.attention_capture import host_attention
+    from faithful_inpaint.patching.blocks import transformer_blocks
+
+    clone = model.clone()
+    mask = mask[:, None].float()
+
+    def attn1_replace(q, k, v, extra_options):
+        plain = host_attention(q, k, v, extra_options)
+        height, width = extra_options["activations_shape"][-2:]
+        masked = (F.interpolate(mask, size=(height, width), mode="area") > 0.5).flatten(1).to(q.device)  # [1, N]
+        if not masked.any() or k.shape[1] != masked.shape[1]:
+            return plain
+        masked = masked.expand(q.shape[0], -1)
+        allowed = ~(masked[:, :, None] & ~masked[:, None, :])      # [B, Nq, Nk]: masked query -> known key barred
+        b, n, _ = q.shape
+        heads = extra_options["n_heads"]
+        split = [t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v)]
+        blocked = F.scaled_dot_product_attention(*split, attn_mask=allowed[:, None]).transpose(1, 2).reshape(b, n, -1)
+        return torch.where(masked[..., None], blocked.to(plain.dtype), plain)
+
+    for block in transformer_blocks(clone.get_model_object("diffusion_model")):
+        clone.set_model_attn1_replace(attn1_replace, *block.key)
+    return clone
+
+
+BRANCH_FILE = "toy_brushnet.safetensors"   # in the pack's toy/ folder (training command: docs/toy-world.md)
+
+
+def with_branch(ci: CaseInputs):
+    """The BrushNet-style branch trained beside the 4-channel toy model, at strength 1 over the whole schedule."""
+    from faithful_inpaint.nodes import brush_branch
+
+    (branch,) = brush_branch.BrushBranchLoader.execute(branch_name=BRANCH_FILE)
+    patched, *_ = brush_branch.BrushBranchApply.execute(model=ci.model, branch=branch, vae=ci.vae, image=ci.image,
+                                                        mask=ci.mask, positive=ci.positive, negative=ci.negative,
+                                                        strength=1.0, start=0.0, end=1.0)
+    return patched, _ddim()
+
+
+MECHANISMS = [
+    Mechanism("baseline", "inpaint", None, plain),
+    Mechanism("control: masked->known attention blocked", "inpaint", "baseline", masked_to_known_blocked),
+    Mechanism("PAIntA", "inpaint", "baseline", painta_only),
+    Mechanism("RASG", "inpaint", "baseline", rasg_on),
+    Mechanism("PAIntA + RASG", "inpaint", "baseline", painta_and_rasg),
+    Mechanism("baseline (4-ch, noise mask)", "plain", None, plain),
+    Mechanism("PAIntA (4-ch)", "plain", "baseline (4-ch, noise mask)", painta_only),
+    Mechanism("PILOT", "plain", "baseline (4-ch, noise mask)", pilot_on),
+    Mechanism("BrushNet branch (toy-trained)", "plain", "baseline (4-ch, noise mask)", with_branch),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a case
+
+
+@dataclass
+class ToyModels:
+    loaded: dict          # "inpaint" / "plain" -> (ModelPatcher, CLIP, VAE)
+
+    @classmethod
+    def load(cls, kinds):
+        from faithful_inpaint.nodes.toy_world import ToyWorldLoader
+
+        return cls({kind: tuple(ToyWorldLoader.execute(checkpoint=TOY_FILES[kind])) for kind in kinds})
+
+
+def case_tensors(case: tw.InpaintCase) -> tuple[torch.Tensor, torch.Tensor]:
+    image = torch.from_numpy(np.ascontiguousarray(case.scene.image()))[None]        # [1, H, W, 3]
+    mask = torch.from_numpy(case.mask_image())[None]                                # [1, H, W]
+    return image, mask
+
+
+def encode(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def run_case(models: ToyModels, mechanism: Mechanism, case: tw.InpaintCase, steps: int, cfg: float):
+    """(result cells [H, W, 3] in [0, 1], seconds) for one case, sampled as SamplerCustom samples."""
+    import comfy.sample
+    import comfy.samplers
+    import nodes
+
+    model, clip, vae = models.loaded[mechanism.model]
+    image, mask = case_tensors(case)
+    started = time.perf_counter()
+    positive, negative = encode(clip, case.prompt), encode(clip, "")
+    if mechanism.model == "inpaint":
+        positive, negative, latent = nodes.InpaintModelConditioning().encode(positive, negative, image, vae, mask)
+    else:
+        latent = {"samples": vae.encode(image), "noise_mask": mask[:, None]}
+    patched, sampler = mechanism.prepare(CaseInputs(model, clip, vae, case.prompt, image, mask, positive, negative))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
+    noise = comfy.sample.prepare_noise(latent["samples"], case.seed)
+    out = comfy.sample.sample_custom(patched, noise, cfg, sampler, sigmas, positive, negative, latent["samples"],
+                                     noise_mask=latent["noise_mask"], seed=case.seed, disable_pbar=True)
+    seconds = time.perf_counter() - started
+    cells = tw.latent_to_cells(model.model.latent_format.process_in(out.float()))[0].permute(1, 2, 0)
+    return cells.numpy(), seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (centre - half, centre + half)
+
+
+def mean_interval(values, z: float = 1.96) -> tuple[float, float, float]:
+    """(mean, low, high): normal 95% interval of the mean (for paired differences and continuous metrics)."""
+    x = np.asarray(values, float)
+    if len(x) == 0:
+        return (math.nan, math.nan, math.nan)
+    half = z * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else math.nan
+    return (float(x.mean()), float(x.mean() - half), float(x.mean() + half))
+
+
+def summarise(rows: list[dict], baseline_rows: list[dict] | None) -> dict:
+    """Rates with Wilson intervals and, against the baseline's rows of the same cases, paired differences."""
+    n = len(rows)
+    out = {"n": n}
+    for m in METRICS:
+        k = sum(bool(r[m]) for r in rows)
+        out[m] = (k / n, *wilson(k, n))
+        if baseline_rows is not None:
+            out[f"{m}_diff"] = mean_interval([float(r[m]) - float(b[m]) for r, b in zip(rows, baseline_rows)])
+    out["mae"] = mean_interval([r["mae"] for r in rows])
+    out["changed"] = mean_interval([r["changed"] for r in rows])
+    out["seconds"] = mean_interval([r["seconds"] for r in rows])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention diagnostics (positive control 2)
+
+
+def attention_statistics(models: ToyModels, cases: list[tw.InpaintCase], steps: int, cfg: float) -> list[dict]:
+    """Per self-attention level of the baseline 9-channel model, over masked query pixels of the conditional pass:
+    normalised entropy (1 = uniform over all pixels), the attention mass on known pixels and the known pixels'
+    share of the image (what a uniform attention would give them)."""
+    from faithful_inpaint.patching.attention_capture import AttentionRecorder
+
+    recorder = AttentionRecorder(attention=("attn1",), cond_only=True, average_heads=True)
+    model, clip, vae = models.loaded["inpaint"]
+    totals: dict[tuple, list] = {}
+
+    def with_recorder(ci: CaseInputs):
+        return recorder.install(ci.model), _ddim()
+
+    probe = Mechanism("probe", "inpaint", None, with_recorder)
+    for case in cases:
+        recorder.clear()
+        run_case(models, probe, case, steps, cfg)
+        _, mask = case_tensors(case)
+        for cap in recorder.captures:
+            masked = (F.interpolate(mask[:, None], size=(cap.height, cap.width), mode="area") > 0.5).flatten()
+            if not masked.any() or masked.all():
+                continue
+            rows = cap.maps[0][masked]                                                  # [masked, N]
+            entropy = -(rows.clamp_min(1e-12).log() * rows).sum(-1) / math.log(rows.shape[-1])
+            on_known = rows[:, ~masked].sum(-1)
+            key = (cap.height, cap.width)
+            totals.setdefault(key, []).append((float(entropy.mean()), float(on_known.mean()),
+                                               float((~masked).float().mean())))
+    out = []
+    for (h, w), values in sorted(totals.items(), reverse=True):
+        arr = np.array(values)
+        out.append({"level": f"{h}x{w}", "maps": len(values), "entropy": float(arr[:, 0].mean()),
+                    "mass_on_known": float(arr[:, 1].mean()), "known_share": float(arr[:, 2].mean())})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def rate_cell(value) -> str:
+    p, lo, hi = value
+    return f"{pct(p)} [{pct(lo)}, {pct(hi)}]"
+
+
+def diff_cell(value) -> str:
+    mean, lo, hi = value
+    return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def report(summaries: dict, attention: list[dict], control_change: dict | None, args) -> str:
+    lines = [f"# Toy-world evidence: {args.cases} paired cases per mechanism ({args.cases // 2} background, "
+             f"{args.cases - args.cases // 2} nearby-object), {args.steps} DDIM-uniform steps, CFG {args.cfg}, "
+             f"case seeds {args.seed}..{args.seed + args.cases - 1}", ""]
+    if attention:
+        lines += ["## Positive control: where masked pixels attend (baseline, 9-channel, conditional pass)", "",
+                  "| level | maps | entropy (1 = uniform) | attention mass on known pixels | known share of pixels |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {a['level']} | {a['maps']} | {a['entropy']:.3f} | {a['mass_on_known']:.3f} | "
+                  f"{a['known_share']:.3f} |" for a in attention]
+        lines.append("")
+    if control_change:
+        lines += ["## Positive control: blocking masked->known self-attention changes the output", "",
+                  f"Mean absolute change of the in-mask result against the baseline: {control_change['mean']:.4f} "
+                  f"(colour units 0-1); cases with some cell changed by more than 0.1: "
+                  f"{pct(control_change['changed'])}%.", ""]
+    for kind in ("all",) + tw.CASE_KINDS:
+        lines += [f"## Cases: {kind}", "",
+                  "| mechanism | n | present % [95% CI] | dominant % | shape % | Δ present vs baseline (pp) | "
+                  "Δ dominant | Δ shape | MAE outside | s / image |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, by_kind in summaries.items():
+            s = by_kind[kind]
+            diffs = [diff_cell(s[f"{m}_diff"]) if f"{m}_diff" in s else "-" for m in METRICS]
+            lines.append(f"| {name} | {s['n']} | {rate_cell(s['present'])} | {rate_cell(s['dominant'])} | "
+                         f"{rate_cell(s['shape_ok'])} | {' | '.join(diffs)} | {s['mae'][0]:.4f} | "
+                         f"{s['seconds'][0]:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def picture_grid(cases, results: dict, path: Path, count: int, cell_pixels: int = 4) -> None:
+    """Rows: the first ``count`` cases; columns: the original (mask outlined in white), then each mechanism."""
+    from PIL import Image, ImageDraw
+
+    def tile(cells, mask):
+        img = tw.render(cells, cell_pixels)
+        edge = tw.render((tw.dilate(mask, 1) & ~mask).astype(np.float32), cell_pixels) > 0.5
+        img = img.copy()
+        img[edge] = 1.0
+        return img
+
+    rows = []
+    for i, case in enumerate(cases[:count]):
+        row = [tile(case.scene.cells, case.mask)] + [tile(results[name][i], case.mask) for name in results]
+        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0))) for t in row], 1))
+    grid = Image.fromarray((np.concatenate(rows, 0) * 255).round().astype(np.uint8))
+    # A header band naming each column (PIL's default bitmap font, wrapped to the column width).
+    column = rows[0].shape[1] // (len(results) + 1)
+    labels = ["original (mask outlined)"] + list(results)
+    wrapped = [textwrap.wrap(label, max(8, column // 6)) for label in labels]
+    band = 4 + 11 * max(len(w) for w in wrapped)
+    canvas = Image.new("RGB", (grid.width, grid.height + band), "white")
+    canvas.paste(grid, (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for i, lines in enumerate(wrapped):
+        for j, line in enumerate(lines):
+            draw.text((i * column + 4, 2 + 11 * j), line, fill="black")
+    height = rows[0].shape[0]
+    for r, case in enumerate(cases[:count]):      # each row's prompt, at the foot of its original
+        top = band + (r + 1) * height - 16
+        draw.rectangle((4, top, 4 + 6 * len(case.prompt) + 4, top + 12), fill="white")
+        draw.text((6, top + 1), case.prompt, fill="black")
+    canvas.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", type=int, default=200, help="paired cases per mechanism (half of each kind)")
+    p.add_argument("--seed", type=int, default=10_000, help="first case seed (case i uses seed + i)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these mechanisms (and their baselines)")
+    p.add_argument("--attention-cases", type=int, default=20, help="cases for the attention statistics (0: skip)")
+    p.add_argument("--grid-cases", type=int, default=12)
+    p.add_argument("--toy-dir", help="folder searched first for toy_world*.safetensors (default: the pack's toy/)")
+    p.add_argument("--out", default="runs/evidence")
+    args = p.parse_args(argv)
+
+    chosen = [m for m in MECHANISMS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MECHANISMS}
+    if unknown:
+        p.error(f"unknown mechanism(s) {sorted(unknown)}; known: {[m.name for m in MECHANISMS]}")
+    names = {m.name for m in chosen}
+    chosen = [m for m in MECHANISMS if m.name in names or any(c.baseline == m.name for c in chosen)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    host.start()
+    host.load_pack_nodes()
+    import comfy.utils
+    import folder_paths
+
+    if args.toy_dir:
+        folder_paths.add_model_folder_path("toy_world", str(Path(args.toy_dir).resolve()), is_default=True)
+    toy_dir = Path(args.toy_dir or host.PACK_ROOT / "toy").resolve()
+    folder_paths.add_model_folder_path("inpaint", str(toy_dir), is_default=True)     # the toy-trained branch
+    if any(m.prepare is with_branch for m in chosen) and not (toy_dir / BRANCH_FILE).is_file():
+        p.error(f"{toy_dir / BRANCH_FILE} is missing: train it (docs/toy-world.md) or leave the branch out with "
+                f"--only")
+
+    cases = tw.make_cases(args.cases, args.seed)
+    with torch.inference_mode():
+        models = ToyModels.load({m.model for m in chosen})
+        attention = []
+        if args.attention_cases and "inpaint" in models.loaded:
+            attention = attention_statistics(models, cases[:args.attention_cases], args.steps, args.cfg)
+        rows, results = {}, {}
+        bar = comfy.utils.ProgressBar(len(chosen) * len(cases))
+        for mechanism in chosen:
+            rows[mechanism.name], results[mechanism.name] = [], []
+            for i, case in enumerate(cases):
+                cells, seconds = run_case(models, mechanism, case, args.steps, args.cfg)
+                score = tw.score_case(cells, case)
+                rows[mechanism.name].append({"case": case.seed, "kind": case.kind, "prompt": case.prompt,
+                                             "seconds": seconds, **score})
+                results[mechanism.name].append(cells)
+                bar.update(1)
+            print(f"{mechanism.name}: present {np.mean([r['present'] for r in rows[mechanism.name]]):.3f}, "
+                  f"{np.mean([r['seconds'] for r in rows[mechanism.name]]):.2f} s/image", flush=True)
+
+    summaries = {}
+    for mechanism in chosen:
+        by_kind = {}
+        for kind in ("all",) + tw.CASE_KINDS:
+            pick = [i for i, c in enumerate(cases) if kind == "all" or c.kind == kind]
+            base = rows.get(mechanism.baseline)
+            by_kind[kind] = summarise([rows[mechanism.name][i] for i in pick],
+                                      [base[i] for i in pick] if base else None)
+        summaries[mechanism.name] = by_kind
+
+    control_change = None
+    control = "control: masked->known attention blocked"
+    if control in results and "baseline" in results:
+        deltas = [np.abs(a - b)[c.mask] for a, b, c in zip(results[control], results["baseline"], cases)]
+        control_change = {"mean": float(np.mean([d.mean() for d in deltas])),
+                          "changed": float(np.mean([(d > 0.1).any() for d in deltas]))}
+
+    text = report(summaries, attention, control_change, args)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "attention": attention,
+                                                  "control_change": control_change, "rows": rows}, indent=1))
+    picture_grid(cases, results, out / "grid.png", args.grid_cases)
+    print(text)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
