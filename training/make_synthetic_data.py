@@ -61,13 +61,17 @@ def make_sample(rng: np.random.Generator, size: int):
     return image, object_mask, local, caption
 
 
-def write_dataset(out: str | Path, count: int, size: int = 64, per_shard: int = 64, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
+def write_samples(out: str | Path, samples, per_shard: int) -> Path:
+    """Write (image, object mask, local caption, global caption) samples as tar shards (training/data.py)."""
     with ShardWriter(out, per_shard=per_shard) as writer:
-        for _ in range(count):
-            image, mask, local, caption = make_sample(rng, size)
+        for image, mask, local, caption in samples:
             writer.write(image, caption, mask=mask, local_caption=local)
     return Path(out)
+
+
+def write_dataset(out: str | Path, count: int, size: int = 64, per_shard: int = 64, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    return write_samples(out, (make_sample(rng, size) for _ in range(count)), per_shard)
 
 
 def main(argv=None) -> None:

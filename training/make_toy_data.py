@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from . import pack
-from .data import ShardWriter
+from .make_synthetic_data import write_samples
 
 
 def make_sample(rng: np.random.Generator):
@@ -32,11 +32,7 @@ def make_sample(rng: np.random.Generator):
 
 def write_dataset(out: str | Path, count: int, per_shard: int = 1000, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
-    with ShardWriter(out, per_shard=per_shard) as writer:
-        for _ in range(count):
-            image, mask, local, caption = make_sample(rng)
-            writer.write(image, caption, mask=mask, local_caption=local)
-    return Path(out)
+    return write_samples(out, (make_sample(rng) for _ in range(count)), per_shard)
 
 
 def main(argv=None) -> None:
