@@ -2,10 +2,13 @@
 
 The files are the pack's own (trained by training/toy_world.py and shipped in toy/); these tests use exactly those
 files, through ToyWorldLoader and through the runner's real execution-engine path."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from headless import run
 from kernels import toy_world as tw
@@ -29,11 +32,13 @@ def test_shipped_toy_files_load_through_the_loader(name):
         model, clip, vae = ToyWorldLoader.execute(name).result
     assert model.model.diffusion_model.input_blocks[0][0].in_channels == TOY_FILES[name]
     assert isinstance(clip, comfy.sd.CLIP) and isinstance(vae, comfy.sd.VAE)
+    meta = json.loads(safe_open(str(PACK_TOY_DIR / name), "pt").metadata()[tw.META_KEY])
+    assert meta["training"]["command"].startswith("python -m training.toy_world") and meta["training"]["seed"] == 0
 
 
-def test_demo_runs_through_the_runner_and_keeps_the_scene_outside_the_mask(tmp_path):
-    seed = 5                                        # --seed N gives scene N (and sampler seed N)
-    assert run.main([str(run.TOY_DEMO), "--seed", str(seed), "--steps", "4", "--out", str(tmp_path)]) == 0
+def test_demo_runs_through_the_runner_and_paints_the_prompted_object(tmp_path):
+    seed = 1                                        # the demo's own scene and sampler seed, at its own 20 steps
+    assert run.main([str(run.TOY_DEMO), "--out", str(tmp_path)]) == 0
     case = tw.make_case(seed, "nearby")
     scene, hole = pixels(case.scene.image()), case.mask_image() > 0.5
     (result,) = tmp_path.glob("toy_world_demo-*-Result-00.png")
@@ -41,6 +46,8 @@ def test_demo_runs_through_the_runner_and_keeps_the_scene_outside_the_mask(tmp_p
     assert out.shape == scene.shape
     assert np.array_equal(out[~hole], scene[~hole])                              # pasted into the scene exactly
     assert np.abs(out[hole].astype(int) - scene[hole]).max() > 12                 # the hole was regenerated
+    score = tw.score_case(tw.to_cells(out / 255.0), case)                         # ... with the prompted colour
+    assert score["present"] and score["dominant"], (case.prompt, score)
     (before_after,) = tmp_path.glob("toy_world_demo-*-Before-and-after-00.png")
     panels = np.asarray(Image.open(before_after).convert("RGB"))
     size = scene.shape[1]
