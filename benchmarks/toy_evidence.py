@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from headless import host  # noqa: E402
+from kernels import masks  # noqa: E402
 from kernels import toy_world as tw  # noqa: E402
 
 METRICS = ("present", "dominant", "shape_ok")
@@ -125,6 +126,12 @@ def masked_to_known_blocked(ci: CaseInputs):
     return block_masked_to_known(ci.model, ci.mask), _ddim()
 
 
+def masked_tokens(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[1, height * width] bool: the tokens of an attention layer of that size whose area is more than half masked
+    (``mask`` [1, H, W], 1 = inpaint)."""
+    return (masks.resize(masks.as_batch(mask), height, width) > 0.5).flatten(1)
+
+
 def block_masked_to_known(model, mask: torch.Tensor):
     """A clone of ``model`` whose self-attention rows of masked pixels (``mask`` [1, H, W], 1 = inpaint, any
     resolution) attend to masked pixels only; known pixels' rows are the host's attention output unchanged."""
@@ -132,12 +139,14 @@ def block_masked_to_known(model, mask: torch.Tensor):
     from faithful_inpaint.patching.blocks import transformer_blocks
 
     clone = model.clone()
-    mask = mask[:, None].float()
+    by_size = {}                                   # (height, width) -> masked tokens, computed once per level
 
     def attn1_replace(q, k, v, extra_options):
         plain = host_attention(q, k, v, extra_options)
-        height, width = extra_options["activations_shape"][-2:]
-        masked = (F.interpolate(mask, size=(height, width), mode="area") > 0.5).flatten(1).to(q.device)  # [1, N]
+        size = tuple(extra_options["activations_shape"][-2:])
+        if size not in by_size:
+            by_size[size] = masked_tokens(mask, *size)
+        masked = by_size[size].to(q.device)                                                    # [1, N]
         if not masked.any() or k.shape[1] != masked.shape[1]:
             return plain
         masked = masked.expand(q.shape[0], -1)
@@ -278,7 +287,6 @@ def attention_statistics(models: ToyModels, cases: list[tw.InpaintCase], steps: 
     from faithful_inpaint.patching.attention_capture import AttentionRecorder
 
     recorder = AttentionRecorder(attention=("attn1",), cond_only=True, average_heads=True)
-    model, clip, vae = models.loaded["inpaint"]
     totals: dict[tuple, list] = {}
 
     def with_recorder(ci: CaseInputs):
@@ -290,7 +298,7 @@ def attention_statistics(models: ToyModels, cases: list[tw.InpaintCase], steps: 
         run_case(models, probe, case, steps, cfg)
         _, mask = case_tensors(case)
         for cap in recorder.captures:
-            masked = (F.interpolate(mask[:, None], size=(cap.height, cap.width), mode="area") > 0.5).flatten()
+            masked = masked_tokens(mask, cap.height, cap.width)[0]
             if not masked.any() or masked.all():
                 continue
             rows = cap.maps[0][masked]                                                  # [masked, N]
