@@ -16,14 +16,7 @@ from training.make_synthetic_data import write_dataset
 from training_drivers import run_killed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses: the runs being compared bit for bit use the same kernels,
-    and a tiny model on a shared 2-core machine runs several times faster without thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_thread_env():

@@ -15,13 +15,7 @@ from training_drivers import run_killed, run_two_processes
 TINY_RESAMPLER = ("--resampler-dim", "64", "--resampler-depth", "1", "--resampler-queries", "4")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses: runs compared bit for bit use the same kernels."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_thread_env():
