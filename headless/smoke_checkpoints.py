@@ -254,24 +254,11 @@ def _brushnet_layout(family: str, cross_attention: bool = False) -> dict:
         lk = d2l[dk]
         if lk in unet_sd:
             sd[dk.replace("conv_in.", "conv_in_condition.", 1) if dk.startswith("conv_in.") else dk] = unet_sd[lk]
-    mc_ = base["model_channels"]
-    mult = base["channel_mult"]
-    nres = base["num_res_blocks"]
-    # Residual widths of the down path: conv_in, each resnet, each downsampler.
-    down = [mc_]
-    for lvl, m in enumerate(mult):
-        down += [mc_ * m] * nres[lvl]
-        if lvl < len(mult) - 1:
-            down.append(mc_ * m)
-    up = []
-    for lvl, m in reversed(list(enumerate(mult))):
-        up += [mc_ * m] * (nres[lvl] + 1)
-        if lvl > 0:
-            up.append(mc_ * m)
+    # Residual widths (conv_in, each resnet, each downsampler; middle; up path), as the branch model computes them.
+    down, top, up = _pack_kernel("brush_branch").BranchConfig.from_unet_config(base).residual_channels()
     for i, c in enumerate(down):
         sd[f"brushnet_down_blocks.{i}.weight"] = _meta(c, c, 1, 1)
         sd[f"brushnet_down_blocks.{i}.bias"] = _meta(c)
-    top = mc_ * mult[-1]
     sd["brushnet_mid_block.weight"] = _meta(top, top, 1, 1)
     sd["brushnet_mid_block.bias"] = _meta(top)
     for i, c in enumerate(up):
