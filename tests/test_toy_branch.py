@@ -84,6 +84,8 @@ def test_toy_checkpoint_loads_in_frozen_base(toy_dir, tmp_path):
     latents = base.encode_images(scene.permute(0, 3, 1, 2))
     assert latents.shape == (2, 4, 32, 32)
     torch.testing.assert_close(latents, base.latent_format.process_in(vae.encode(scene)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(base.vae_encode(scene.permute(0, 3, 1, 2)), vae.encode(scene).float(), atol=1e-3,
+                               rtol=0)                                        # the VAE's own scale (1 / 0.18215)
     decoded = base.decode_latents(latents)
     torch.testing.assert_close(decoded, vae.decode(base.latent_format.process_out(latents)).permute(0, 3, 1, 2),
                                atol=1e-4, rtol=0)

@@ -189,10 +189,20 @@ class FrozenBase:
         image on one CPU core, ~11 s for the two encodes of a batch of 16, against ~1 s for the whole branch
         training step on the toy UNet (0.6 s on two cores)."""
         if self._toy_world is not None:
-            cells = torch.nn.functional.avg_pool2d(images.float().cpu(), self._toy_world.CELL_PIXELS)
-            return self._toy_world.cells_to_latent(cells).to(self.device)
-        raw = self.vae.encode(images.permute(0, 2, 3, 1).float().cpu())
-        return self.latent_format.process_in(raw.float()).to(self.device).detach().clone()
+            return self._toy_latents(images).to(self.device)
+        return self.latent_format.process_in(self.vae_encode(images).cpu()).to(self.device).detach().clone()
+
+    @torch.no_grad()
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> the VAE's own latent (before the latent format's ``process_in``), float32 on
+        ``device``; for a toy base its exact mapping, computed directly (see encode_images)."""
+        if self._toy_world is not None:
+            return self.latent_format.process_out(self._toy_latents(images)).to(self.device)
+        return self.vae.encode(images.permute(0, 2, 3, 1).float().cpu()).float().to(self.device)
+
+    def _toy_latents(self, images: torch.Tensor) -> torch.Tensor:
+        cells = torch.nn.functional.avg_pool2d(images.float().cpu(), self._toy_world.CELL_PIXELS)
+        return self._toy_world.cells_to_latent(cells)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

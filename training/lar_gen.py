@@ -199,7 +199,7 @@ class InpaintingBase(FrozenBase):
         if mask is not None:
             m = mask.round()
             images = images * (1 - m) + 0.5 * m
-        return self.vae.encode(images.permute(0, 2, 3, 1).float().cpu()).float().to(self.device)
+        return self.vae_encode(images)
 
     @torch.no_grad()
     def inpaint_channels(self, noisy: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None
@@ -213,12 +213,14 @@ class InpaintingBase(FrozenBase):
 
 
 def load_clip_vision(spec: str, seed: int = 0):
-    """ComfyUI's CLIP_VISION: a file, or ``random:tiny`` (2 layers, 64 wide) / ``random:h`` (ViT-H-14's config)
-    with random weights, for tests and dry runs."""
+    """ComfyUI's CLIP_VISION: a file (ComfyUI's CLIP vision files, or the toy world's ``toy_clip_vision.safetensors``),
+    or ``random:tiny`` (2 layers, 64 wide) / ``random:h`` (ViT-H-14's config) with random weights, for tests and dry
+    runs."""
     import comfy.clip_vision
 
     if not spec.startswith("random:"):
-        return comfy.clip_vision.load(spec)
+        toy = pack.module("nodes.toy_world")
+        return toy.load_clip_vision(spec) if toy.file_kind(spec) == "clip_vision" else comfy.clip_vision.load(spec)
     from headless.random_models import randomise
 
     size = spec.split(":")[1]
