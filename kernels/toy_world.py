@@ -176,6 +176,27 @@ def make_scene(seed: int, size: int = DEFAULT_SIZE, n_objects: int | None = None
     return Scene(cells, objects, seed)
 
 
+def cut_out(cells: np.ndarray, obj: ToyObject) -> np.ndarray:
+    """The object alone: its bounding square's cells [side, side, 3], every cell it does not cover white (the
+    subject image of an image prompt, as LAR-Gen's training data cuts subjects out of their scenes)."""
+    t, l, b, r = obj.box
+    return np.where(obj.mask[t:b, l:r, None], cells[t:b, l:r], 1.0).astype(np.float32)
+
+
+def subject_image(colour: str, shape: str, seed: int, size: int = DEFAULT_SIZE, fill: float = 0.9) -> np.ndarray:
+    """An image prompt [size * CELL_PIXELS, same, 3] in [0, 1]: a fresh object of that colour and shape (drawn as
+    scenes draw objects, with its own jitter from ``seed``) cut out, centred on white, ``fill`` of the side wide."""
+    rng = np.random.default_rng(seed)
+    side = _object_size_range(size)[1]
+    cells = np.ones((side, side, 3), np.float32)
+    obj = draw_object(cells, rng, colour, shape, 0, 0, side)
+    pixels = render(cut_out(cells, obj), int(fill * size * CELL_PIXELS) // side)
+    out = np.ones((size * CELL_PIXELS, size * CELL_PIXELS, 3), np.float32)
+    top = (out.shape[0] - pixels.shape[0]) // 2
+    out[top:top + pixels.shape[0], top:top + pixels.shape[1]] = pixels
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inpainting cases
 
@@ -196,6 +217,10 @@ class InpaintCase:
 
     def mask_image(self, cell_pixels: int = CELL_PIXELS) -> np.ndarray:
         return render(self.mask.astype(np.float32), cell_pixels)
+
+    def subject(self) -> np.ndarray:
+        """The case's image prompt: the prompted object alone on white (:func:`subject_image`)."""
+        return subject_image(self.colour, self.shape, self.seed, self.scene.cells.shape[0])
 
 
 def make_case(seed: int, kind: str, size: int = DEFAULT_SIZE) -> InpaintCase:

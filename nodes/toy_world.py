@@ -1,4 +1,5 @@
-"""ToyWorldLoader and ToyWorldScene: the shapes-world demo model and its scenes, for ordinary ComfyUI graphs.
+"""ToyWorldLoader, ToyWorldClipVisionLoader and ToyWorldScene: the shapes-world demo model, its image encoder and
+its scenes, for ordinary ComfyUI graphs.
 
 ToyWorldLoader reads a toy checkpoint (written by ``python -m training.toy_world``) and returns what Load
 Checkpoint returns, so the standard nodes work with it (CLIPTextEncode, VAEEncode, VAEDecode, SetLatentNoiseMask,
@@ -12,7 +13,12 @@ InpaintModelConditioning, KSampler ...):
   channels (kernels/toy_world.cells_to_latent, divided by SD1.5's latent scale), decoding inverts the mix and
   repeats each latent cell as an 8 x 8 block. Nothing is trained; any ComfyUI loads it as a TAESD.
 
-Checkpoints are looked up in the pack's ``toy/`` folder and in ``ComfyUI/models/toy_world/``.
+ToyWorldClipVisionLoader gives the CLIP_VISION the toy image-prompt adapter and RefineNet were trained with
+(ComfyUI's CLIP vision transformer at toy size, fixed random weights). ToyWorldScene gives an inpainting case: the
+scene, its mask, the prompt, the scene's caption and the prompted object alone on white (an image prompt).
+
+Files are looked up in the pack's ``toy/`` folder and in ``ComfyUI/models/toy_world/``; what a file holds is read
+from its metadata, so each loader lists only its own kind.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from ..patching.errors import NodeInputError
 FOLDER = "toy_world"
 PACK_TOY_DIR = Path(__file__).resolve().parent.parent / "toy"
 DEFAULT_FILES = ("toy_world.safetensors", "toy_world_inpaint.safetensors")
+CLIP_VISION_FILE = "toy_clip_vision.safetensors"
 TRAIN_HINT = ("train it with `python -m training.toy_world --variant {variant} --output-dir runs/{stem}` and copy "
               "runs/{stem}/{stem}.safetensors into the pack's toy/ folder (see the README, toy world section)")
 
@@ -45,11 +52,27 @@ def _register_folder() -> None:
 _register_folder()
 
 
-def checkpoint_names() -> list[str]:
+def file_kind(path: str) -> str | None:
+    """What a toy file holds, from its metadata: "checkpoint", "clip_vision", or None (not a toy-world file, e.g. a
+    branch trained beside the toy model)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = (f.metadata() or {}).get(tw.META_KEY)
+    except Exception:                        # unreadable or not a safetensors file: not ours to list
+        return None
+    return None if meta is None else json.loads(meta).get("kind", "checkpoint")
+
+
+def file_names(kind: str, defaults: tuple[str, ...]) -> list[str]:
+    """The toy folders' files of ``kind``, plus ``defaults`` (listed even when missing: loading one then says how
+    to make it)."""
     import folder_paths
 
-    found = [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")]
-    return sorted(set(found) | set(DEFAULT_FILES))
+    found = [f for f in folder_paths.get_filename_list(FOLDER)
+             if f.endswith(".safetensors") and file_kind(folder_paths.get_full_path(FOLDER, f)) == kind]
+    return sorted(set(found) | set(defaults))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,6 +183,44 @@ def load_vae():
     return comfy.sd.VAE(sd=pixel_vae_state_dict())
 
 
+# The toy CLIP vision: ComfyUI's CLIP vision transformer (comfy.clip_model.CLIPVisionModelProjection) at toy size,
+# with fixed random weights (training/toy_world.py --make-clip-vision). A subject is resized to 64 px and cut into
+# 8 x 8 patches of 8 px; the random features of a ViT this small still tell the 12 colour-shape subjects apart
+# (tests/test_toy_lar_gen.py), and the adapter trained on top of them learns what they mean.
+CLIP_VISION_CONFIG = {"model_type": "clip_vision_model", "image_size": 64, "patch_size": 8, "num_channels": 3,
+                      "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 3,
+                      "projection_dim": 32, "hidden_act": "gelu", "layer_norm_eps": 1e-5, "attention_dropout": 0.0,
+                      "dropout": 0.0}
+
+
+def new_clip_vision(config: dict):
+    """ComfyUI's CLIP_VISION object (comfy.clip_vision.ClipVisionModel) for a config dict, weights unset."""
+    import tempfile
+
+    import comfy.clip_vision
+
+    with tempfile.TemporaryDirectory() as folder:        # ClipVisionModel reads its config from a JSON file
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(config))
+        return comfy.clip_vision.ClipVisionModel(str(path))
+
+
+def load_clip_vision(path: str):
+    """The toy CLIP_VISION from a file written by ``training/toy_world.py --make-clip-vision``."""
+    import comfy.utils
+
+    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    meta = json.loads((metadata or {}).get(tw.META_KEY, "{}"))
+    if meta.get("kind") != "clip_vision":
+        raise ValueError(f"{path} is not a toy-world CLIP vision file (its {tw.META_KEY} metadata has no "
+                         "kind 'clip_vision')")
+    model = new_clip_vision(meta["clip_vision_config"])
+    missing, unexpected = model.load_sd(sd)
+    if missing or unexpected:
+        raise ValueError(f"the weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
 def read_checkpoint(path: str) -> tuple[dict, dict]:
     """(tensors, the toy metadata) of a toy checkpoint file."""
     import comfy.utils
@@ -167,7 +228,10 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
     if not metadata or tw.META_KEY not in metadata:
         raise ValueError(f"{path} is not a toy-world checkpoint (no {tw.META_KEY} metadata)")
-    return sd, json.loads(metadata[tw.META_KEY])
+    meta = json.loads(metadata[tw.META_KEY])
+    if meta.get("kind", "checkpoint") != "checkpoint":
+        raise ValueError(f"{path} is a toy-world {meta['kind']} file, not a checkpoint")
+    return sd, meta
 
 
 def load_toy_world(path: str):
@@ -193,7 +257,8 @@ class ToyWorldLoader(io.ComfyNode):
                         "training/toy_world.py): 256 px scenes of red/green/blue/yellow circles, squares and "
                         "triangles. Outputs work with the standard nodes, like Load Checkpoint's.",
             inputs=[
-                io.Combo.Input("checkpoint", options=checkpoint_names(), default=DEFAULT_FILES[0],
+                io.Combo.Input("checkpoint", options=file_names("checkpoint", DEFAULT_FILES),
+                               default=DEFAULT_FILES[0],
                                tooltip="toy_world: 4-channel model (inpaint with SetLatentNoiseMask); "
                                        "toy_world_inpaint: 9-channel inpainting model "
                                        "(InpaintModelConditioning). From the pack's toy/ folder or "
@@ -220,6 +285,37 @@ class ToyWorldLoader(io.ComfyNode):
         return io.NodeOutput(model, clip, vae)
 
 
+class ToyWorldClipVisionLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ToyWorldClipVisionLoader",
+            display_name="Toy world CLIP vision loader",
+            category="inpaint/faithful/toy world",
+            description="Loads the toy world's small CLIP vision encoder (fixed random weights), which the toy "
+                        "image-prompt adapter and RefineNet were trained with. Use it where a graph for a real "
+                        "model has Load CLIP Vision.",
+            inputs=[io.Combo.Input("clip_vision", options=file_names("clip_vision", (CLIP_VISION_FILE,)),
+                                   default=CLIP_VISION_FILE,
+                                   tooltip="From the pack's toy/ folder or models/toy_world/.")],
+            outputs=[io.ClipVision.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision: str) -> io.NodeOutput:
+        import folder_paths
+
+        path = folder_paths.get_full_path(FOLDER, clip_vision)
+        if path is None:
+            raise NodeInputError("ToyWorldClipVisionLoader", "clip_vision",
+                                 f"{clip_vision} was not found in {PACK_TOY_DIR} or models/{FOLDER}/; write it with "
+                                 f"`python -m training.toy_world --make-clip-vision toy/{CLIP_VISION_FILE}`.")
+        try:
+            return io.NodeOutput(load_clip_vision(path))
+        except (ValueError, KeyError) as err:
+            raise NodeInputError("ToyWorldClipVisionLoader", "clip_vision", f"cannot load {path}: {err}") from err
+
+
 class ToyWorldScene(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -235,7 +331,9 @@ class ToyWorldScene(io.ComfyNode):
                 io.Combo.Input("kind", options=list(tw.CASE_KINDS), default=tw.CASE_KINDS[0]),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask"),
-                     io.String.Output(display_name="prompt"), io.String.Output(display_name="caption")],
+                     io.String.Output(display_name="prompt"), io.String.Output(display_name="caption"),
+                     io.Image.Output(display_name="subject",
+                                     tooltip="The prompted object alone on white: an image prompt for the hole.")],
         )
 
     @classmethod
@@ -243,7 +341,8 @@ class ToyWorldScene(io.ComfyNode):
         case = tw.make_case(seed, kind)
         image = torch.from_numpy(np.ascontiguousarray(case.scene.image()))[None]
         mask = torch.from_numpy(case.mask_image())[None]
-        return io.NodeOutput(image, mask, case.prompt, case.scene.caption)
+        subject = torch.from_numpy(case.subject())[None]
+        return io.NodeOutput(image, mask, case.prompt, case.scene.caption, subject)
 
 
-NODES = [ToyWorldLoader, ToyWorldScene]
+NODES = [ToyWorldLoader, ToyWorldClipVisionLoader, ToyWorldScene]

@@ -7,6 +7,10 @@ scene's global caption ("a red circle, a blue square and a green triangle"), the
 on. Objects never overlap, so the object mask is the whole object. Deterministic in ``--seed``.
 
     python -m training.make_toy_data --out data/toy_shapes --count 4096 --seed 0
+    python -m training.make_toy_data --out data/toy_quads --count 4096 --seed 0 --subjects
+
+``--subjects`` writes LAR-Gen's quadruples (training/lar_gen.py's format) instead: each sample also holds its
+object cut out onto white (kernels/toy_world.cut_out), the image prompt of the subject-driven inpainting it trains.
 """
 from __future__ import annotations
 
@@ -20,13 +24,19 @@ from . import pack
 from .make_synthetic_data import write_samples
 
 
-def make_sample(rng: np.random.Generator):
-    """(image, object mask, local caption, global caption) of one scene drawn from ``rng``."""
+def to_pil(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray((pixels * 255).round().astype(np.uint8))
+
+
+def make_sample(rng: np.random.Generator, subject: bool = False):
+    """(image, object mask, local caption, global caption) of one scene drawn from ``rng``; with ``subject`` also
+    the object cut out onto white (after the mask)."""
     tw = pack.module("kernels.toy_world")
     scene = tw.make_scene(int(rng.integers(2**31)))
     obj = scene.objects[int(rng.integers(len(scene.objects)))]
-    image = Image.fromarray((scene.image() * 255).round().astype(np.uint8))
-    mask = Image.fromarray((tw.render(obj.mask.astype(np.float32)) * 255).astype(np.uint8))
+    image, mask = to_pil(scene.image()), to_pil(tw.render(obj.mask.astype(np.float32)))
+    if subject:
+        return image, mask, to_pil(tw.render(tw.cut_out(scene.cells, obj))), obj.caption, scene.caption
     return image, mask, obj.caption, scene.caption
 
 
@@ -35,15 +45,26 @@ def write_dataset(out: str | Path, count: int, per_shard: int = 1000, seed: int 
     return write_samples(out, (make_sample(rng) for _ in range(count)), per_shard)
 
 
+def write_quadruples(out: str | Path, count: int, per_shard: int = 1000, seed: int = 0) -> Path:
+    from .lar_gen import QuadrupleWriter
+
+    rng = np.random.default_rng(seed)
+    with QuadrupleWriter(out, per_shard=per_shard) as writer:
+        for _ in range(count):
+            writer.write_quadruple(*make_sample(rng, subject=True))
+    return Path(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the tar shards")
     p.add_argument("--count", type=int, default=4096)
     p.add_argument("--per-shard", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subjects", action="store_true", help="LAR-Gen quadruples: add each object cut out onto white")
     a = p.parse_args(argv)
-    path = write_dataset(a.out, a.count, a.per_shard, a.seed)
-    print(f"wrote {a.count} toy-world samples (256 px) to {path}")
+    path = (write_quadruples if a.subjects else write_dataset)(a.out, a.count, a.per_shard, a.seed)
+    print(f"wrote {a.count} toy-world {'quadruples' if a.subjects else 'samples'} (256 px) to {path}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from kernels import toy_world as tw
 
+from . import pack
 from .core import CoreConfig, Task, train
 
 # ComfyUI SD15 UNet config of the toy model: 32 x 32 latent, levels 32 / 16 / 8, no attention at 32 x 32 and two
@@ -196,6 +197,26 @@ def fresh_checkpoint(path: Path, variant: str = "plain", seed: int = 0) -> Path:
     return path
 
 
+def write_clip_vision(path: Path, seed: int = 0, command: str = "") -> Path:
+    """The toy CLIP vision file ToyWorldClipVisionLoader reads: nodes/toy_world.CLIP_VISION_CONFIG with fixed random
+    weights from ``seed`` (a frozen feature extractor, as CLIP is to an image-prompt adapter; nothing is trained)."""
+    from safetensors.torch import save_file
+
+    from headless import host
+    from headless.random_models import randomise
+
+    host.start()
+    node = pack.module("nodes.toy_world")
+    model = node.new_clip_vision(node.CLIP_VISION_CONFIG)
+    with torch.no_grad():
+        randomise(model.model, seed)
+    tensors = {k: v.detach().float().contiguous() for k, v in model.get_sd().items()}
+    meta = {tw.META_KEY: json.dumps({"kind": "clip_vision", "clip_vision_config": node.CLIP_VISION_CONFIG,
+                                     "training": {"seed": seed, "command": command}})}
+    save_file(tensors, str(path), metadata=meta)
+    return Path(path)
+
+
 @torch.no_grad()
 def sample(unet: nn.Module, text: nn.Module, prompts: list[str], seed: int, steps: int = 25, cfg: float = 4.0,
            known: torch.Tensor | None = None, mask: torch.Tensor | None = None, inpaint_model: bool = False):
@@ -275,6 +296,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", metavar="FILE", help="only score a trained file (text-to-image and inpainting "
                                                       "prompt following) and exit")
     p.add_argument("--samples", type=int, default=60, help="samples per --evaluate score")
+    p.add_argument("--make-clip-vision", metavar="FILE", help="only write the toy CLIP vision encoder (fixed random "
+                                                              "weights from --seed) to FILE and exit")
     p.add_argument("--max-steps", type=int, default=2200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -299,9 +322,12 @@ def main(argv=None) -> int:
         unet, text, variant = load_checkpoint(args.evaluate)
         print(json.dumps(evaluate(unet, text, variant, n=args.samples, seed=args.seed), indent=1))
         return 0
+    command = "python -m training.toy_world " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.make_clip_vision:
+        print(f"wrote {write_clip_vision(Path(args.make_clip_vision), args.seed, command)}")
+        return 0
     if not args.output_dir:
         parser().error("--output-dir is required for training")
-    command = "python -m training.toy_world " + " ".join(sys.argv[1:] if argv is None else argv)
     task = ToyWorldTask(args.variant, args.seed, command, args.min_snr_gamma)
     config = CoreConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                         learning_rate=args.lr, lr_warmup_steps=args.lr_warmup_steps, lr_schedule=args.lr_schedule,

@@ -32,8 +32,8 @@ def toy_world_demo(name):
     loader = g.node("ToyWorldLoader", [CHECKPOINT], "Toy world model (9-channel, pack's toy/ folder)",
                     outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=0, row=0)
     scene = g.node("ToyWorldScene", [SEED, "fixed", "nearby"], "Scene, mask and prompt (nearby object)",
-                   outputs=[("image", "IMAGE"), ("mask", "MASK"), ("prompt", "STRING"), ("caption", "STRING")],
-                   col=0, row=1)
+                   outputs=[("image", "IMAGE"), ("mask", "MASK"), ("prompt", "STRING"), ("caption", "STRING"),
+                            ("subject", "IMAGE")], col=0, row=1)
     pos = g.node("CLIPTextEncode", [""], "Prompt (from the scene)", inputs=[("clip", "CLIP")],
                  outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=0)
     neg = g.node("CLIPTextEncode", [""], "Negative (empty)", inputs=[("clip", "CLIP")],
