@@ -21,6 +21,7 @@ Adding a mechanism is one entry in MECHANISMS.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -40,6 +41,7 @@ from kernels import masks  # noqa: E402
 from kernels import toy_world as tw  # noqa: E402
 
 METRICS = ("present", "dominant", "shape_ok")
+DEFAULT_SEED = 10_000     # the first case's seed
 TOY_FILES = {"inpaint": "toy_world_inpaint.safetensors", "plain": "toy_world.safetensors"}
 
 
@@ -52,11 +54,13 @@ class CaseInputs:
     model: Any            # ModelPatcher of the toy model the entry runs on
     clip: Any
     vae: Any
-    prompt: str
+    prompt: str           # the text prompt the sampler gets ("" for an entry without text)
     image: torch.Tensor   # [1, H, W, 3] the scene
     mask: torch.Tensor    # [1, H, W] pixels, 1 = inpaint
     positive: Any         # the conditionings the sampler gets
     negative: Any
+    subject: torch.Tensor  # [1, H, W, 3] the image prompt: the prompted object alone on white
+    clip_vision: Any      # the toy CLIP vision (loaded on first use)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class Mechanism:
     model: str            # "inpaint": 9-channel toy model (InpaintModelConditioning); "plain": 4-channel, noise mask
     baseline: str | None  # the entry its paired differences are taken against
     prepare: Callable[[CaseInputs], tuple[Any, Any]]   # -> (patched ModelPatcher, KSAMPLER)
+    text: bool = True     # False: the text prompt is empty, the case's colour and shape come from the image prompt
+    files: tuple[str, ...] = ()   # trained files it needs from the toy folder (checked before anything runs)
 
 
 def _ddim():
@@ -176,6 +182,41 @@ def with_branch(ci: CaseInputs):
     return patched, _ddim()
 
 
+ADAPTER_FILE = "toy_image_prompt.safetensors"   # toy/ (LAR-Gen stage 1 on the toy world: docs/toy-world.md)
+REFINENET_FILE = "toy_refinenet.safetensors"   # toy/ (LAR-Gen stage 2)
+CLIP_VISION_FILE = "toy_clip_vision.safetensors"   # toy/ (fixed random weights: toy/README.md)
+IMAGE_PROMPT_FILES = (ADAPTER_FILE, CLIP_VISION_FILE)
+
+
+def with_image_prompt(ci: CaseInputs, beta: float, model=None):
+    """LAR-Gen's decoupled image-prompt attention (eq. 7) with the toy-trained adapter, over the whole schedule."""
+    from faithful_inpaint.nodes import image_prompt
+
+    (adapter,) = image_prompt.ImagePromptAdapterLoader.execute(adapter_name=ADAPTER_FILE)
+    (patched,) = image_prompt.ImagePromptApply.execute(model=model or ci.model, adapter=adapter,
+                                                       clip_vision=ci.clip_vision, image=ci.subject, beta=beta,
+                                                       start_percent=0.0, end_percent=1.0, mode="text + image")
+    return patched
+
+
+def image_prompt_on(ci: CaseInputs, beta: float):
+    return with_image_prompt(ci, beta), _ddim()
+
+
+def image_prompt_and_refinenet(ci: CaseInputs, beta: float):
+    """The image prompt at ``beta`` and RefineNet (strength 1, every decoder level: the paper's setting)."""
+    from faithful_inpaint.nodes import refinenet
+
+    (net,) = refinenet.RefineNetLoader.execute(refinenet_name=REFINENET_FILE)
+    (patched,) = refinenet.RefineNetApply.execute(model=with_image_prompt(ci, beta), refinenet=net,
+                                                  clip_vision=ci.clip_vision, vae=ci.vae, subject=ci.subject,
+                                                  strength=1.0, start_percent=0.0, end_percent=1.0,
+                                                  uncond="no subject", at_h8=True, at_h16=True, at_h32=True,
+                                                  at_h64=True)
+    return patched, _ddim()
+
+
+NO_TEXT = "baseline, no text"
 MECHANISMS = [
     Mechanism("baseline", "inpaint", None, plain),
     Mechanism("control: masked->known attention blocked", "inpaint", "baseline", masked_to_known_blocked),
@@ -185,7 +226,22 @@ MECHANISMS = [
     Mechanism("baseline (4-ch, noise mask)", "plain", None, plain),
     Mechanism("PAIntA (4-ch)", "plain", "baseline (4-ch, noise mask)", painta_only),
     Mechanism("PILOT", "plain", "baseline (4-ch, noise mask)", pilot_on),
-    Mechanism("BrushNet branch (toy-trained)", "plain", "baseline (4-ch, noise mask)", with_branch),
+    Mechanism("BrushNet branch (toy-trained)", "plain", "baseline (4-ch, noise mask)", with_branch,
+              files=(BRANCH_FILE,)),
+    # LAR-Gen (toy-trained adapter and RefineNet): the subject image alone must say what to paint ...
+    Mechanism(NO_TEXT, "inpaint", None, plain, text=False),
+    Mechanism("image prompt, no text (beta 1)", "inpaint", NO_TEXT, functools.partial(image_prompt_on, beta=1.0),
+              text=False, files=IMAGE_PROMPT_FILES),
+    Mechanism("image prompt, no text (beta 0.3)", "inpaint", NO_TEXT, functools.partial(image_prompt_on, beta=0.3),
+              text=False, files=IMAGE_PROMPT_FILES),
+    Mechanism("image prompt (beta 0.3) + RefineNet, no text", "inpaint", "image prompt, no text (beta 0.3)",
+              functools.partial(image_prompt_and_refinenet, beta=0.3), text=False,
+              files=IMAGE_PROMPT_FILES + (REFINENET_FILE,)),
+    # ... and with the text prompt, as LAR-Gen's stage 2 is trained (text and subject together)
+    Mechanism("text + image prompt (beta 0.3)", "inpaint", "baseline", functools.partial(image_prompt_on, beta=0.3),
+              files=IMAGE_PROMPT_FILES),
+    Mechanism("text + image prompt (beta 0.3) + RefineNet", "inpaint", "text + image prompt (beta 0.3)",
+              functools.partial(image_prompt_and_refinenet, beta=0.3), files=IMAGE_PROMPT_FILES + (REFINENET_FILE,)),
 ]
 
 
@@ -196,12 +252,21 @@ MECHANISMS = [
 @dataclass
 class ToyModels:
     loaded: dict          # "inpaint" / "plain" -> (ModelPatcher, CLIP, VAE)
+    _clip_vision: Any = None
 
     @classmethod
     def load(cls, kinds):
         from faithful_inpaint.nodes.toy_world import ToyWorldLoader
 
         return cls({kind: tuple(ToyWorldLoader.execute(checkpoint=TOY_FILES[kind])) for kind in kinds})
+
+    @property
+    def clip_vision(self):
+        if self._clip_vision is None:
+            from faithful_inpaint.nodes.toy_world import ToyWorldClipVisionLoader
+
+            (self._clip_vision,) = ToyWorldClipVisionLoader.execute(clip_vision=CLIP_VISION_FILE)
+        return self._clip_vision
 
 
 def case_tensors(case: tw.InpaintCase) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,13 +287,17 @@ def run_case(models: ToyModels, mechanism: Mechanism, case: tw.InpaintCase, step
 
     model, clip, vae = models.loaded[mechanism.model]
     image, mask = case_tensors(case)
+    prompt = case.prompt if mechanism.text else ""
+    subject = torch.from_numpy(case.subject())[None]
     started = time.perf_counter()
-    positive, negative = encode(clip, case.prompt), encode(clip, "")
+    positive, negative = encode(clip, prompt), encode(clip, "")
     if mechanism.model == "inpaint":
         positive, negative, latent = nodes.InpaintModelConditioning().encode(positive, negative, image, vae, mask)
     else:
         latent = {"samples": vae.encode(image), "noise_mask": mask[:, None]}
-    patched, sampler = mechanism.prepare(CaseInputs(model, clip, vae, case.prompt, image, mask, positive, negative))
+    clip_vision = models.clip_vision if CLIP_VISION_FILE in mechanism.files else None
+    patched, sampler = mechanism.prepare(CaseInputs(model, clip, vae, prompt, image, mask, positive, negative,
+                                                    subject, clip_vision))
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
     noise = comfy.sample.prepare_noise(latent["samples"], case.seed)
     out = comfy.sample.sample_custom(patched, noise, cfg, sampler, sigmas, positive, negative, latent["samples"],
@@ -364,8 +433,9 @@ def report(summaries: dict, attention: list[dict], control_change: dict | None, 
     return "\n".join(lines)
 
 
-def picture_grid(cases, results: dict, path: Path, count: int, cell_pixels: int = 4) -> None:
-    """Rows: the first ``count`` cases; columns: the original (mask outlined in white), then each mechanism."""
+def picture_grid(cases, results: dict, path: Path, count: int, cell_pixels: int = 4, subjects: bool = False) -> None:
+    """Rows: the first ``count`` cases; columns: the original (mask outlined in white), the image prompt when
+    ``subjects``, then each mechanism."""
     from PIL import Image, ImageDraw
 
     def tile(cells, mask):
@@ -375,14 +445,17 @@ def picture_grid(cases, results: dict, path: Path, count: int, cell_pixels: int 
         img[edge] = 1.0
         return img
 
+    no_mask = np.zeros_like(cases[0].mask)
     rows = []
     for i, case in enumerate(cases[:count]):
-        row = [tile(case.scene.cells, case.mask)] + [tile(results[name][i], case.mask) for name in results]
+        row = [tile(case.scene.cells, case.mask)]
+        row += [tile(tw.to_cells(case.subject()), no_mask)] if subjects else []
+        row += [tile(results[name][i], case.mask) for name in results]
         rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0))) for t in row], 1))
     grid = Image.fromarray((np.concatenate(rows, 0) * 255).round().astype(np.uint8))
     # A header band naming each column (PIL's default bitmap font, wrapped to the column width).
-    column = rows[0].shape[1] // (len(results) + 1)
-    labels = ["original (mask outlined)"] + list(results)
+    labels = ["original (mask outlined)"] + ["image prompt (subject)"] * subjects + list(results)
+    column = rows[0].shape[1] // len(labels)
     wrapped = [textwrap.wrap(label, max(8, column // 6)) for label in labels]
     band = 4 + 11 * max(len(w) for w in wrapped)
     canvas = Image.new("RGB", (grid.width, grid.height + band), "white")
@@ -405,7 +478,7 @@ def picture_grid(cases, results: dict, path: Path, count: int, cell_pixels: int 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=200, help="paired cases per mechanism (half of each kind)")
-    p.add_argument("--seed", type=int, default=10_000, help="first case seed (case i uses seed + i)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="first case seed (case i uses seed + i)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these mechanisms (and their baselines)")
@@ -420,7 +493,12 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown mechanism(s) {sorted(unknown)}; known: {[m.name for m in MECHANISMS]}")
     names = {m.name for m in chosen}
-    chosen = [m for m in MECHANISMS if m.name in names or any(c.baseline == m.name for c in chosen)]
+    while True:                                   # with their baselines, and the baselines' baselines
+        more = {m.baseline for m in MECHANISMS if m.name in names and m.baseline} - names
+        if not more:
+            break
+        names |= more
+    chosen = [m for m in MECHANISMS if m.name in names]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -432,9 +510,11 @@ def main(argv=None) -> int:
     if args.toy_dir:
         folder_paths.add_model_folder_path("toy_world", str(Path(args.toy_dir).resolve()), is_default=True)
     toy_dir = Path(args.toy_dir or host.PACK_ROOT / "toy").resolve()
-    folder_paths.add_model_folder_path("inpaint", str(toy_dir), is_default=True)     # the toy-trained branch
-    if any(m.prepare is with_branch for m in chosen) and not (toy_dir / BRANCH_FILE).is_file():
-        p.error(f"{toy_dir / BRANCH_FILE} is missing: train it (docs/toy-world.md) or leave the branch out with "
+    for folder in ("inpaint", "ipadapter", "refinenet"):          # the toy-trained branch, adapter and RefineNet
+        folder_paths.add_model_folder_path(folder, str(toy_dir), is_default=True)
+    missing = sorted({f for m in chosen for f in m.files if not (toy_dir / f).is_file()})
+    if missing:
+        p.error(f"missing in {toy_dir}: {missing}; train them (toy/README.md) or leave their mechanisms out with "
                 f"--only")
 
     cases = tw.make_cases(args.cases, args.seed)
@@ -478,7 +558,8 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "attention": attention,
                                                   "control_change": control_change, "rows": rows}, indent=1))
-    picture_grid(cases, results, out / "grid.png", args.grid_cases)
+    picture_grid(cases, results, out / "grid.png", args.grid_cases,
+                 subjects=any(CLIP_VISION_FILE in m.files for m in chosen))
     print(text)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'grid.png'}")
     return 0
