@@ -203,12 +203,14 @@ def image_prompt_on(ci: CaseInputs, beta: float):
     return with_image_prompt(ci, beta), _ddim()
 
 
-def image_prompt_and_refinenet(ci: CaseInputs, beta: float):
-    """The image prompt at ``beta`` and RefineNet (strength 1, every decoder level: the paper's setting)."""
+def image_prompt_and_refinenet(ci: CaseInputs, beta: float | None):
+    """The image prompt at ``beta`` (None: no image prompt) and RefineNet (strength 1, every decoder level: the
+    paper's setting)."""
     from faithful_inpaint.nodes import refinenet
 
     (net,) = refinenet.RefineNetLoader.execute(refinenet_name=REFINENET_FILE)
-    (patched,) = refinenet.RefineNetApply.execute(model=with_image_prompt(ci, beta), refinenet=net,
+    model = ci.model if beta is None else with_image_prompt(ci, beta)
+    (patched,) = refinenet.RefineNetApply.execute(model=model, refinenet=net,
                                                   clip_vision=ci.clip_vision, vae=ci.vae, subject=ci.subject,
                                                   strength=1.0, start_percent=0.0, end_percent=1.0,
                                                   uncond="no subject", at_h8=True, at_h16=True, at_h32=True,
@@ -237,6 +239,8 @@ MECHANISMS = [
     Mechanism("image prompt (beta 0.3) + RefineNet, no text", "inpaint", "image prompt, no text (beta 0.3)",
               functools.partial(image_prompt_and_refinenet, beta=0.3), text=False,
               files=IMAGE_PROMPT_FILES + (REFINENET_FILE,)),
+    Mechanism("RefineNet alone, no text", "inpaint", NO_TEXT, functools.partial(image_prompt_and_refinenet, beta=None),
+              text=False, files=(CLIP_VISION_FILE, REFINENET_FILE)),
     # ... and with the text prompt, as LAR-Gen's stage 2 is trained (text and subject together)
     Mechanism("text + image prompt (beta 0.3)", "inpaint", "baseline", functools.partial(image_prompt_on, beta=0.3),
               files=IMAGE_PROMPT_FILES),
