@@ -246,6 +246,17 @@ def load_toy_world(path: str):
 # Nodes
 
 
+def toy_file_path(node: str, input_name: str, name: str, how_to_make: str) -> str:
+    """The full path of the toy file ``name``, or a clear error naming the node, the input and how to make it."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        raise NodeInputError(node, input_name, f"{name} was not found in {PACK_TOY_DIR} or models/{FOLDER}/; "
+                                               f"{how_to_make}.")
+    return path
+
+
 class ToyWorldLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -269,15 +280,9 @@ class ToyWorldLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint: str) -> io.NodeOutput:
-        import folder_paths
-
-        path = folder_paths.get_full_path(FOLDER, checkpoint)
-        if path is None:
-            stem = Path(checkpoint).stem
-            variant = "inpaint" if stem.endswith("_inpaint") else "plain"
-            raise NodeInputError("ToyWorldLoader", "checkpoint",
-                                 f"{checkpoint} was not found in {PACK_TOY_DIR} or models/{FOLDER}/; "
-                                 + TRAIN_HINT.format(variant=variant, stem=stem) + ".")
+        stem = Path(checkpoint).stem
+        hint = TRAIN_HINT.format(variant="inpaint" if stem.endswith("_inpaint") else "plain", stem=stem)
+        path = toy_file_path("ToyWorldLoader", "checkpoint", checkpoint, hint)
         try:
             model, clip, vae, _ = load_toy_world(path)
         except (ValueError, KeyError) as err:
@@ -303,13 +308,8 @@ class ToyWorldClipVisionLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip_vision: str) -> io.NodeOutput:
-        import folder_paths
-
-        path = folder_paths.get_full_path(FOLDER, clip_vision)
-        if path is None:
-            raise NodeInputError("ToyWorldClipVisionLoader", "clip_vision",
-                                 f"{clip_vision} was not found in {PACK_TOY_DIR} or models/{FOLDER}/; write it with "
-                                 f"`python -m training.toy_world --make-clip-vision toy/{CLIP_VISION_FILE}`.")
+        path = toy_file_path("ToyWorldClipVisionLoader", "clip_vision", clip_vision, "write it with `python -m "
+                             f"training.toy_world --make-clip-vision toy/{CLIP_VISION_FILE}`")
         try:
             return io.NodeOutput(load_clip_vision(path))
         except (ValueError, KeyError) as err:

@@ -68,6 +68,8 @@ def test_toy_files_are_listed_by_kind_and_a_wrong_kind_is_a_clear_error():
         ToyWorldLoader.execute(CLIP_VISION_FILE)
     with pytest.raises(NodeInputError, match="ToyWorldClipVisionLoader.*clip_vision.*not a toy-world CLIP vision"):
         ToyWorldClipVisionLoader.execute("toy_world.safetensors")
+    with pytest.raises(NodeInputError, match="ToyWorldClipVisionLoader.*clip_vision.*not found.*--make-clip-vision"):
+        ToyWorldClipVisionLoader.execute("missing.safetensors")
 
 
 def test_scene_node_gives_the_case_subject():
