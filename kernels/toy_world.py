@@ -409,6 +409,21 @@ def sd_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
 # weights under these prefixes, configs and the training command as JSON in this safetensors metadata key.
 UNET_PREFIX, TEXT_PREFIX, META_KEY = "model.diffusion_model.", "text_encoder.", "faithful_inpaint.toy_world"
 
+
+def file_kind(path) -> str | None:
+    """What a toy-world file holds, from its ``META_KEY`` metadata ("kind"; checkpoints have none): "checkpoint",
+    "clip_vision", or None for any other file (no toy metadata, not a safetensors file, unreadable)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = (f.metadata() or {}).get(META_KEY)
+    except Exception:                        # unreadable or not a safetensors file: not a toy file
+        return None
+    return None if meta is None else json.loads(meta).get("kind", "checkpoint")
+
 START_TOKEN, END_TOKEN = 49406, 49407   # CLIP's start/end ids; SD1's tokenizer pads with the end id
 MAX_TOKENS = 77
 # The CLIP BPE id of every word a caption can contain (tests check these against ComfyUI's SD1 tokenizer).

@@ -52,26 +52,13 @@ def _register_folder() -> None:
 _register_folder()
 
 
-def file_kind(path: str) -> str | None:
-    """What a toy file holds, from its metadata: "checkpoint", "clip_vision", or None (not a toy-world file, e.g. a
-    branch trained beside the toy model)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            meta = (f.metadata() or {}).get(tw.META_KEY)
-    except Exception:                        # unreadable or not a safetensors file: not ours to list
-        return None
-    return None if meta is None else json.loads(meta).get("kind", "checkpoint")
-
-
 def file_names(kind: str, defaults: tuple[str, ...]) -> list[str]:
     """The toy folders' files of ``kind``, plus ``defaults`` (listed even when missing: loading one then says how
     to make it)."""
     import folder_paths
 
     found = [f for f in folder_paths.get_filename_list(FOLDER)
-             if f.endswith(".safetensors") and file_kind(folder_paths.get_full_path(FOLDER, f)) == kind]
+             if f.endswith(".safetensors") and tw.file_kind(folder_paths.get_full_path(FOLDER, f)) == kind]
     return sorted(set(found) | set(defaults))
 
 

@@ -219,8 +219,9 @@ def load_clip_vision(spec: str, seed: int = 0):
     import comfy.clip_vision
 
     if not spec.startswith("random:"):
-        toy = pack.module("nodes.toy_world")
-        return toy.load_clip_vision(spec) if toy.file_kind(spec) == "clip_vision" else comfy.clip_vision.load(spec)
+        if pack.module("kernels.toy_world").file_kind(spec) == "clip_vision":
+            return pack.module("nodes.toy_world").load_clip_vision(spec)
+        return comfy.clip_vision.load(spec)
     from headless.random_models import randomise
 
     size = spec.split(":")[1]
