@@ -33,6 +33,7 @@ from comfy_api.latest import io
 
 from ..kernels import toy_world as tw
 from ..patching.errors import NodeInputError
+from ..patching.image_prompt import clip_vision_from_config
 
 FOLDER = "toy_world"
 PACK_TOY_DIR = Path(__file__).resolve().parent.parent / "toy"
@@ -180,18 +181,6 @@ CLIP_VISION_CONFIG = {"model_type": "clip_vision_model", "image_size": 64, "patc
                       "dropout": 0.0}
 
 
-def new_clip_vision(config: dict):
-    """ComfyUI's CLIP_VISION object (comfy.clip_vision.ClipVisionModel) for a config dict, weights unset."""
-    import tempfile
-
-    import comfy.clip_vision
-
-    with tempfile.TemporaryDirectory() as folder:        # ClipVisionModel reads its config from a JSON file
-        path = Path(folder) / "config.json"
-        path.write_text(json.dumps(config))
-        return comfy.clip_vision.ClipVisionModel(str(path))
-
-
 def load_clip_vision(path: str):
     """The toy CLIP_VISION from a file written by ``training/toy_world.py --make-clip-vision``."""
     import comfy.utils
@@ -201,7 +190,7 @@ def load_clip_vision(path: str):
     if meta.get("kind") != "clip_vision":
         raise ValueError(f"{path} is not a toy-world CLIP vision file (its {tw.META_KEY} metadata has no "
                          "kind 'clip_vision')")
-    model = new_clip_vision(meta["clip_vision_config"])
+    model = clip_vision_from_config(meta["clip_vision_config"])
     missing, unexpected = model.load_sd(sd)
     if missing or unexpected:
         raise ValueError(f"the weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -67,6 +67,21 @@ def check_model(spec: AdapterSpec, model, node: str, input_name: str = "adapter"
     return layers
 
 
+def clip_vision_from_config(config: dict):
+    """ComfyUI's CLIP_VISION object (comfy.clip_vision.ClipVisionModel) for a config dict (the JSON ComfyUI's
+    config files hold), weights unset: toy and test encoders at sizes ComfyUI's loader does not recognise."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import comfy.clip_vision
+
+    with tempfile.TemporaryDirectory() as folder:        # ClipVisionModel reads its config from a JSON file
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(config))
+        return comfy.clip_vision.ClipVisionModel(str(path))
+
+
 def clip_vision_widths(clip_vision, node: str) -> tuple[int, int]:
     """(image-embedding width, hidden-state width) of a ComfyUI CLIP_VISION."""
     weight = getattr(getattr(getattr(clip_vision, "model", None), "visual_projection", None), "weight", None)

@@ -6,7 +6,6 @@ CLIP vision models here are two-layer encoders with the real widths of ViT-H-14 
 read the widths); adapters for the tiny UNets are written in the public IP-Adapter layout and go through the loader.
 The full-size public layouts are checked on their key/shape headers (and the SD1.5 files through the loader node).
 """
-import json
 
 import pytest
 import torch
@@ -37,15 +36,13 @@ ALWAYS = ScheduleWindow(float("inf"), 0.0)
 
 # ------------------------------------------------------------------------------------------------ builders
 
-def clip_vision(tmp_path_factory, widths, seed=0):
+def clip_vision(widths, seed=0):
     """A ComfyUI CLIP_VISION with two layers and the real widths of an encoder (28 px input: 5 tokens)."""
     config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "image_size": 28,
               "intermediate_size": 64, "layer_norm_eps": 1e-5, "model_type": "clip_vision_model",
               "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": 2, "patch_size": 14, **widths}
-    path = tmp_path_factory.mktemp("clip_vision") / "config.json"
-    path.write_text(json.dumps(config))
     with torch.inference_mode():
-        cv = comfy.clip_vision.ClipVisionModel(str(path))
+        cv = ip.clip_vision_from_config(config)
         randomise(cv.model, seed)
     return cv
 
@@ -135,8 +132,8 @@ def sd15():
 
 
 @pytest.fixture(scope="module")
-def vit_h(tmp_path_factory):
-    return clip_vision(tmp_path_factory, VIT_H)
+def vit_h():
+    return clip_vision(VIT_H)
 
 
 @pytest.fixture(scope="module")
@@ -401,13 +398,13 @@ def test_chaining_keeps_a_previous_attn2_replace(sd15, linear_adapter, vit_h):
 
 # ------------------------------------------------------------------------------------------------ errors
 
-def test_mismatched_pairs_give_clear_errors(tmp_path_factory, sd15, vit_h, linear_adapter):
+def test_mismatched_pairs_give_clear_errors(sd15, vit_h, linear_adapter):
     sdxl_adapter, sd15_full = meta_adapter("ipadapter_sdxl"), meta_adapter("ipadapter_sd15")
     sdxl = build_model("sdxl")
     with pytest.raises(NodeInputError, match=r"ImagePromptApply, input 'clip_vision'.*1280-wide image embeddings.*"
                                              r"ViT-bigG-14.*ViT-H-14"):
         apply(sdxl, sdxl_adapter, vit_h)
-    vit_g = clip_vision(tmp_path_factory, VIT_G)
+    vit_g = clip_vision(VIT_G)
     with pytest.raises(NodeInputError, match=r"input 'clip_vision'.*plus adapter reads 1280-wide penultimate.*"
                                              r"ViT-H-14.*ViT-bigG-14.*1664"):
         apply(sd15, meta_adapter("ipadapter_sd15_plus"), vit_g)

@@ -13,6 +13,7 @@ from faithful_inpaint.kernels import refinenet as krn
 from faithful_inpaint.kernels.painta import sdpa
 from faithful_inpaint.nodes import refinenet as nrn
 from faithful_inpaint.patching import refinenet as prn
+from faithful_inpaint.patching.image_prompt import clip_vision_from_config
 from faithful_inpaint.patching.errors import NodeInputError
 from faithful_inpaint.training.base import random_vae
 from headless.random_models import randomise, build_model, model_config
@@ -24,16 +25,14 @@ CLIP_WIDTH = 64
 # ------------------------------------------------------------------------------------------------ builders
 
 @pytest.fixture(scope="module")
-def clip_vision(tmp_path_factory):
+def clip_vision():
     """A ComfyUI CLIP_VISION with 2 layers, 64 wide, 28 px input (5 tokens)."""
     config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "image_size": 28,
               "hidden_size": CLIP_WIDTH, "projection_dim": 32, "intermediate_size": 64, "layer_norm_eps": 1e-5,
               "model_type": "clip_vision_model", "num_attention_heads": 4, "num_channels": 3,
               "num_hidden_layers": 2, "patch_size": 14}
-    path = tmp_path_factory.mktemp("clip_vision") / "config.json"
-    path.write_text(json.dumps(config))
     with torch.inference_mode():
-        cv = comfy.clip_vision.ClipVisionModel(str(path))
+        cv = clip_vision_from_config(config)
         randomise(cv.model, 0)
     return cv
 

@@ -56,7 +56,6 @@ import copy
 import io
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -229,10 +228,7 @@ def load_clip_vision(spec: str, seed: int = 0):
         path = Path(comfy.clip_vision.__file__).resolve().parent / "clip_vision_config_h.json"
         model = comfy.clip_vision.ClipVisionModel(str(path))
     else:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "config.json"
-            path.write_text(json.dumps(TINY_CLIP_VISION))
-            model = comfy.clip_vision.ClipVisionModel(str(path))
+        model = pack.module("patching.image_prompt").clip_vision_from_config(TINY_CLIP_VISION)
     with torch.no_grad():
         randomise(model.model, seed)
     for p in model.model.parameters():

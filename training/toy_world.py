@@ -207,7 +207,7 @@ def write_clip_vision(path: Path, seed: int = 0, command: str = "") -> Path:
 
     host.start()
     node = pack.module("nodes.toy_world")
-    model = node.new_clip_vision(node.CLIP_VISION_CONFIG)
+    model = pack.module("patching.image_prompt").clip_vision_from_config(node.CLIP_VISION_CONFIG)
     with torch.no_grad():
         randomise(model.model, seed)
     tensors = {k: v.detach().float().contiguous() for k, v in model.get_sd().items()}
