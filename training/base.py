@@ -184,7 +184,7 @@ class FrozenBase:
         training step on the toy UNet (0.6 s on two cores)."""
         if self._toy_world is not None:
             return self._toy_latents(images).to(self.device)
-        return self.latent_format.process_in(self.vae_encode(images).cpu()).to(self.device).detach().clone()
+        return self.latent_format.process_in(self.vae_encode(images)).detach().clone()
 
     @torch.no_grad()
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
