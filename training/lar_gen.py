@@ -166,19 +166,29 @@ def _augment_subject(subject: Image.Image, size: int, rng: np.random.Generator) 
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
-def write_synthetic(out, count: int, size: int = 64, per_shard: int = 64, seed: int = 0) -> Path:
-    """A tiny quadruple set: make_synthetic_data's scenes, the subject = the object cut out onto white."""
+def write_quadruple_samples(out, samples, per_shard: int) -> Path:
+    """Write (image, mask, subject, local caption, global caption) samples as quadruple shards."""
+    with QuadrupleWriter(out, per_shard=per_shard) as writer:
+        for sample in samples:
+            writer.write_quadruple(*sample)
+    return Path(out)
+
+
+def synthetic_quadruple(rng: np.random.Generator, size: int):
+    """One of make_synthetic_data's scenes as a quadruple, the subject = the object cut out onto white."""
     from .make_synthetic_data import make_sample
 
+    image, mask, local, caption = make_sample(rng, size)
+    m = np.asarray(mask) > 127
+    y0, x0, y1, x1 = M.bounding_box(m.astype(np.float32)) or (0, 0, size, size)
+    cut = np.where(m[..., None], np.asarray(image), 255).astype(np.uint8)[y0:y1, x0:x1]
+    return image, mask, Image.fromarray(cut), local, caption
+
+
+def write_synthetic(out, count: int, size: int = 64, per_shard: int = 64, seed: int = 0) -> Path:
+    """A tiny quadruple set (:func:`synthetic_quadruple`)."""
     rng = np.random.default_rng(seed)
-    with QuadrupleWriter(out, per_shard=per_shard) as writer:
-        for _ in range(count):
-            image, mask, local, caption = make_sample(rng, size)
-            m = np.asarray(mask) > 127
-            y0, x0, y1, x1 = M.bounding_box(m.astype(np.float32)) or (0, 0, size, size)
-            cut = np.where(m[..., None], np.asarray(image), 255).astype(np.uint8)[y0:y1, x0:x1]
-            writer.write_quadruple(image, mask, Image.fromarray(cut), local, caption)
-    return Path(out)
+    return write_quadruple_samples(out, (synthetic_quadruple(rng, size) for _ in range(count)), per_shard)
 
 
 # ------------------------------------------------------------------------------------------------ frozen models

@@ -46,13 +46,10 @@ def write_dataset(out: str | Path, count: int, per_shard: int = 1000, seed: int 
 
 
 def write_quadruples(out: str | Path, count: int, per_shard: int = 1000, seed: int = 0) -> Path:
-    from .lar_gen import QuadrupleWriter
+    from . import lar_gen
 
     rng = np.random.default_rng(seed)
-    with QuadrupleWriter(out, per_shard=per_shard) as writer:
-        for _ in range(count):
-            writer.write_quadruple(*make_sample(rng, subject=True))
-    return Path(out)
+    return lar_gen.write_quadruple_samples(out, (make_sample(rng, subject=True) for _ in range(count)), per_shard)
 
 
 def main(argv=None) -> None:
