@@ -13,7 +13,7 @@ from training import train_branch
 from training.core import checkpoints
 from training.data import collate
 from training.make_synthetic_data import write_dataset
-from training_drivers import run_killed
+from training_drivers import assert_loss_falls, run_killed
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +52,9 @@ def step_loss(task, batch, seed=0):
 
 def test_a_fixed_batch_is_overfitted(data_dir, tmp_path):
     task, batch = make_task(data_dir, tmp_path)
-    opt = torch.optim.AdamW(task.param_groups(3e-2), weight_decay=0.0)
+    # At lr 1e-2 the mean of the last 5 of 40 steps was 0.02-0.05 x the first (noise seed 0 with 1 and 2 threads,
+    # seed 1 with 1 thread).
+    opt = torch.optim.AdamW(task.param_groups(1e-2), weight_decay=0.0)
     losses = []
     for _ in range(40):
         loss = step_loss(task, batch)["loss"]
@@ -60,7 +62,7 @@ def test_a_fixed_batch_is_overfitted(data_dir, tmp_path):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert_loss_falls(losses, 0.5)
 
 
 def test_a_painternet_step_trains_every_parameter_attention_control_points_included(data_dir, tmp_path):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from training import lar_gen
 from training.core import checkpoints
-from training_drivers import run_killed, run_two_processes
+from training_drivers import assert_loss_falls, run_killed, run_two_processes
 
 TINY_RESAMPLER = ("--resampler-dim", "64", "--resampler-depth", "1", "--resampler-queries", "4")
 
@@ -81,8 +81,10 @@ def test_stage1_lowers_the_loss_and_trains_only_the_adapter(data_dir, tmp_path):
     unet, clip = snapshot(task.base.unet), snapshot(task.clip_vision.model)
     adapter = snapshot(task.modules["adapter"])
     assert any(k.startswith("projection.") for k in adapter) and any(k.startswith("to_k_ip.") for k in adapter)
-    losses = overfit(task, batch, 25, 1e-2)
-    assert losses[-1] < 0.6 * losses[0], losses
+    # At lr 1e-2 the loss oscillated (1.17 -> 0.96 -> 1.16 ...) and one last value decided. At 1e-3 the mean of the
+    # last 5 of 25 steps was 0.27-0.32 x the first (noise seed 0 with 1 and 2 threads, seed 1 with 1 thread).
+    losses = overfit(task, batch, 25, 1e-3)
+    assert_loss_falls(losses, 0.6)
     assert not changed(unet, task.base.unet) and not changed(clip, task.clip_vision.model)
     moved = changed(adapter, task.modules["adapter"])
     assert {k.split(".")[0] for k in moved} == {"projection", "to_k_ip", "to_v_ip"}
@@ -96,8 +98,10 @@ def test_stage2_lowers_the_loss_and_trains_only_refinenet_cross_attention_and_th
     frozen = {"unet": (task.base.unet, snapshot(task.base.unet)), "adapter": (task.adapter, snapshot(task.adapter)),
               "clip": (task.clip_vision.model, snapshot(task.clip_vision.model))}
     refinenet, encoder = snapshot(task.modules["refinenet"]), snapshot(task.modules["detail_encoder"])
-    losses = overfit(task, batch, 40, 1e-2)
-    assert losses[-1] < 0.8 * losses[0], losses      # less capacity than stage 1: RefineNet's attn2 and the MLP
+    # Less capacity than stage 1 (RefineNet's attn2 and the MLP). At lr 3e-3 the descent is monotone and the mean of
+    # the last 5 of 40 steps was 0.67-0.70 x the first with noise seed 0 (1 and 2 threads), 0.76 with seed 1.
+    losses = overfit(task, batch, 40, 3e-3)
+    assert_loss_falls(losses, 0.8)
     for name, (module, before) in frozen.items():
         assert not changed(before, module), name
     moved = changed(refinenet, task.modules["refinenet"])

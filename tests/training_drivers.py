@@ -1,5 +1,5 @@
-"""Subprocess runs the training tests share: a run killed at a step (exact-resume tests) and a two-process
-``accelerate launch`` data-parallel run whose ranks dump their weights (DDP tests)."""
+"""What the training tests share: the "loss falls" check, and subprocess runs: a run killed at a step (exact-resume
+tests) and a two-process ``accelerate launch`` data-parallel run whose ranks dump their weights (DDP tests)."""
 import signal
 import socket
 import subprocess
@@ -8,6 +8,16 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def assert_loss_falls(losses: list[float], factor: float, last: int = 5) -> None:
+    """The mean of the last ``last`` losses is below ``factor`` x the first. Overfitting a fixed batch is chaotic
+    step to step (float results differ between CPUs and thread counts, and one step's value can jump), so a single
+    last value would decide by chance; the mean of a few does not."""
+    tail = sum(losses[-last:]) / last
+    assert tail < factor * losses[0], f"mean of the last {last} losses {tail:.4f} >= {factor} x first " \
+                                      f"{losses[0]:.4f}; losses: {[round(x, 4) for x in losses]}"
+
 
 _KILL = textwrap.dedent("""
     import os, signal, sys
