@@ -1,6 +1,6 @@
 """BrushNet branch cost: sampling time and peak memory with the branch versus without, same model, same run.
 
-    .venv/bin/python benchmarks/brush_bench.py [--size 32 64] [--steps 4] [--repeats 2] [--family sd15]
+    .venv/bin/python -m faithful_inpaint.benchmarks.brush_bench [--size 32 64] [--steps 4] [--repeats 2] [--family sd15]
 
 Full-size random-weight UNet (real shapes, the ordinary 4-channel model BrushNet pairs with) and a full-size
 BrushNet branch built from it (the public file's architecture; random zero-convs so the residuals are non-zero),
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._measure import device_name, measure  # noqa: E402
-from headless import host  # noqa: E402
+from faithful_inpaint.benchmarks._measure import device_name, measure
+from faithful_inpaint.devtools import host
 
 
 def main():
@@ -39,7 +36,7 @@ def main():
     from faithful_inpaint.patching.brush_branch import (BranchConditioning, BrushBranchHooks, branch_patcher,
                                                         unet_state_dict_diffusers)
     from faithful_inpaint.patching.schedule import ScheduleWindow
-    from headless.random_models import build_model
+    from faithful_inpaint.devtools.random_models import build_model
 
     dim = {"sd15": 768, "sdxl": 2048}[args.family]
     model = build_model(args.family, "full")

@@ -1,6 +1,6 @@
 """Image-prompt attention cost: sampling time and peak memory, patched versus plain, same model, same run.
 
-    .venv/bin/python benchmarks/image_prompt_bench.py [--size 32 64] [--steps 4] [--repeats 2] [--variant linear]
+    .venv/bin/python -m faithful_inpaint.benchmarks.image_prompt_bench [--size 32 64] [--steps 4] [--repeats 2] [--variant linear]
 
 Full-size random-weight SD1.5 UNet (real shapes, 4-channel), the random-weight public-layout SD1.5 adapter file of
 the smoke models (linear: 4 image tokens; plus: 16), Euler with CFG 7.5 (cond and uncond batched), a centred square
@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._case import inpaint_case  # noqa: E402
-from benchmarks._measure import device_name, measure  # noqa: E402
-from headless import host  # noqa: E402
+from faithful_inpaint.benchmarks._case import inpaint_case
+from faithful_inpaint.benchmarks._measure import device_name, measure
+from faithful_inpaint.devtools import host
 
 KINDS = {"linear": ("ipadapter_sd15", 1024, None), "plus": ("ipadapter_sd15_plus", 1280, 257)}
 
@@ -40,8 +37,8 @@ def main():
     from faithful_inpaint.nodes.image_prompt import load_adapter
     from faithful_inpaint.patching import image_prompt as ip
     from faithful_inpaint.patching.schedule import ScheduleWindow
-    from headless import smoke_checkpoints as sc
-    from headless.random_models import build_model
+    from faithful_inpaint.devtools import smoke_checkpoints as sc
+    from faithful_inpaint.devtools.random_models import build_model
 
     kind, feature_dim, tokens = KINDS[args.variant]
     root = sc.default_models_dir()

@@ -1,7 +1,7 @@
 """LAR-Gen sampling cost: plain vs RefineNet vs the full LAR-Gen model (image prompt + RefineNet), same model, same
 run.
 
-    .venv/bin/python benchmarks/lar_gen_bench.py [--size 32 64] [--steps 4] [--repeats 2]
+    .venv/bin/python -m faithful_inpaint.benchmarks.lar_gen_bench [--size 32 64] [--steps 4] [--repeats 2]
 
 Full-size random-weight SD1.5 *inpainting* UNet (real shapes, 9 channels), the random-weight smoke RefineNet file
 (full-size SD1.5 attn2 weights + the 1280-wide MLP) and the random-weight IP-Adapter-plus SD1.5 file (16 image
@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._case import inpaint_case  # noqa: E402
-from benchmarks._measure import device_name, measure  # noqa: E402
-from headless import host  # noqa: E402
+from faithful_inpaint.benchmarks._case import inpaint_case
+from faithful_inpaint.benchmarks._measure import device_name, measure
+from faithful_inpaint.devtools import host
 
 CLIP_TOKENS, CLIP_WIDTH = 257, 1280          # CLIP ViT-H-14 penultimate hidden states
 
 
 def smoke_file(kind: str) -> str:
-    from headless import smoke_checkpoints as sc
+    from faithful_inpaint.devtools import smoke_checkpoints as sc
 
     root = sc.default_models_dir()
     return str(root / sc.folder_for(kind) / sc.ensure_smoke_models(root, [kind])[kind])
@@ -52,7 +49,7 @@ def main():
     from faithful_inpaint.patching import image_prompt as ip
     from faithful_inpaint.patching.refinenet import RefineNetHooks, decoder_layers
     from faithful_inpaint.patching.schedule import ScheduleWindow
-    from headless.random_models import build_model
+    from faithful_inpaint.devtools.random_models import build_model
 
     always = ScheduleWindow(float("inf"), 0.0)
     model = build_model("sd15", "full", inpaint=True)

@@ -1,6 +1,6 @@
 """PAIntA cost: sampling time and peak memory, patched versus unpatched, same model, same run.
 
-    .venv/bin/python benchmarks/painta_bench.py [--size 32 64] [--steps 4] [--repeats 2] [--family sd15]
+    .venv/bin/python -m faithful_inpaint.benchmarks.painta_bench [--size 32 64] [--steps 4] [--repeats 2] [--family sd15]
 
 Full-size random-weight UNet (real shapes, 9-channel inpainting), Euler with CFG (cond and uncond batched), a centred
 square mask covering a quarter of the image. Reported per latent size:
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._measure import device_name, measure  # noqa: E402
-from headless import host  # noqa: E402
+from faithful_inpaint.benchmarks._measure import device_name, measure
+from faithful_inpaint.devtools import host
 
 
 def measure_sampling(model, latent_side, steps, positive, negative, seed=0):
@@ -48,7 +45,7 @@ def main():
     from faithful_inpaint.patching.painta import PAIntAHooks
     from faithful_inpaint.patching.prompt import RegionPrompt
     from faithful_inpaint.patching.schedule import ScheduleWindow
-    from headless.random_models import build_model
+    from faithful_inpaint.devtools.random_models import build_model
 
     dim = {"sd15": 768, "sd2": 1024, "sdxl": 2048}[args.family]
     model = build_model(args.family, "full", inpaint=args.family != "sdxl")

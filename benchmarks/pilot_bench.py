@@ -1,6 +1,6 @@
 """PILOT cost: total sampling time and peak memory versus plain sampling with the same steps, same model, same run.
 
-    .venv/bin/python benchmarks/pilot_bench.py [--size 32] [--steps 20] [--repeats 2]
+    .venv/bin/python -m faithful_inpaint.benchmarks.pilot_bench [--size 32] [--steps 20] [--repeats 2]
 
 Full-size random-weight plain SD1.5 (4-channel), ddim_uniform sigmas, CFG 7.5, a centred square noise mask. The
 optimisation schedule is kept proportional to the reference's 100-step run: "reference" optimises every 10 steps
@@ -18,13 +18,11 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._case import inpaint_case  # noqa: E402
-from benchmarks._measure import device_name, measure  # noqa: E402
-from headless import host  # noqa: E402
+from faithful_inpaint.benchmarks._case import inpaint_case
+from faithful_inpaint.benchmarks._measure import device_name, measure
+from faithful_inpaint.devtools import host
 
 VARIANTS = {"plain": None, "PILOT reference": {"every": 10, "inner_steps": 10},
             "PILOT fast": {"every": 20, "inner_steps": 5}}
@@ -36,7 +34,7 @@ def setup(side, steps, wrappers=False):
     host.load_pack_nodes()
     import comfy.samplers
     from faithful_inpaint.patching import pilot
-    from headless.random_models import build_model
+    from faithful_inpaint.devtools.random_models import build_model
 
     model = build_model("sd15", "full")
     prepared = pilot.install(model, [1, 2, 3])
@@ -44,7 +42,7 @@ def setup(side, steps, wrappers=False):
                 (prepared, comfy.samplers.KSAMPLER(pilot.sample_pilot, extra_options=opts))
                 for name, opts in VARIANTS.items()}
     if wrappers:
-        from benchmarks.rasg_bench import with_weight_copies
+        from faithful_inpaint.benchmarks.rasg_bench import with_weight_copies
 
         variants[WRAPPED] = (with_weight_copies(prepared), variants["PILOT reference"][1])
     sample = inpaint_case(model, side, steps)
@@ -69,8 +67,8 @@ def main():
     print("|---|---|---|---|---|---|")
     peaks = {}
     for name in list(VARIANTS) + ([WRAPPED] if args.with_wrappers else []):
-        out = subprocess.run([sys.executable, __file__, "--peak-of", name, "--size", str(args.size), "--steps",
-                              str(args.steps)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", __spec__.name, "--peak-of", name,
+                              "--size", str(args.size), "--steps", str(args.steps)], capture_output=True, text=True, check=True)
         peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])
     variants, sample = setup(args.size, args.steps, args.with_wrappers)
     for pair in variants.values():  # warm-up

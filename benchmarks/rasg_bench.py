@@ -1,6 +1,6 @@
 """RASG cost: time per step and peak memory versus plain DDIM on the same model, same run.
 
-    .venv/bin/python benchmarks/rasg_bench.py [--size 32] [--steps 4] [--repeats 2]
+    .venv/bin/python -m faithful_inpaint.benchmarks.rasg_bench [--size 32] [--steps 4] [--repeats 2]
 
 Full-size random-weight SD1.5 inpainting UNet, SamplerCustom-equivalent sampling (comfy.sample.sample_custom) with
 CFG, ddim_uniform sigmas, a centred square noise mask. Rows: plain DDIM (ComfyUI's euler =
@@ -19,13 +19,11 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._case import inpaint_case  # noqa: E402
-from benchmarks._measure import device_name, measure  # noqa: E402
-from headless import host  # noqa: E402
+from faithful_inpaint.benchmarks._case import inpaint_case
+from faithful_inpaint.benchmarks._measure import device_name, measure
+from faithful_inpaint.devtools import host
 
 
 VARIANTS = ("plain DDIM", "RASG, every step", "RASG, first half")
@@ -47,7 +45,7 @@ def setup(side, steps, wrappers=False):
     host.load_pack_nodes()
     import comfy.samplers
     from faithful_inpaint.patching import rasg
-    from headless.random_models import build_model
+    from faithful_inpaint.devtools.random_models import build_model
 
     model = build_model("sd15", "full", inpaint=True)
     prepared = rasg.install(model, [1, 2, 3, 4])
@@ -88,8 +86,8 @@ def main():
     for side in args.size:
         peaks = {}
         for variant in VARIANTS + ((WRAPPED,) if args.with_wrappers else ()):
-            out = subprocess.run([sys.executable, __file__, "--peak-of", variant, "--size", str(side), "--steps",
-                                  str(args.steps)], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", __spec__.name, "--peak-of", variant,
+                                  "--size", str(side), "--steps", str(args.steps)], capture_output=True, text=True, check=True)
             peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         variants, sample = setup(side, args.steps, args.with_wrappers)
         for pair in variants.values():  # warm-up (the first runs after start-up are slower)

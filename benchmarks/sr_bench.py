@@ -1,8 +1,8 @@
 """InpaintConditionalUpscale cost: time and peak memory of the SR stage at stated output sizes.
 
-    .venv/bin/python benchmarks/sr_bench.py [--size 512 1024] [--steps 2]
+    .venv/bin/python -m faithful_inpaint.benchmarks.sr_bench [--size 512 1024] [--steps 2]
 
-Loads the full-shape random-weight SD x4 upscaler file (headless.smoke_checkpoints, through ComfyUI's checkpoint
+Loads the full-shape random-weight SD x4 upscaler file (devtools.smoke_checkpoints, through ComfyUI's checkpoint
 loader), and upscales a quarter-size "inpainted" image back to --size px with a centred square mask. Each size runs
 in its own process: peak memory is the GPU allocator's peak on a GPU, the resident set size above the level before
 the call on a CPU. Reported next to one plain x4-upscaler sampling of the same size and steps (no x0 blending, no
@@ -14,13 +14,11 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._measure import device_name, measure  # noqa: E402
-from headless import host  # noqa: E402
+from faithful_inpaint.benchmarks._measure import device_name, measure
+from faithful_inpaint.devtools import host
 
 
 def run_one(size, steps, variant):
@@ -30,8 +28,8 @@ def run_one(size, steps, variant):
     import comfy.samplers
     import comfy.sd
     import nodes
-    from faithful_inpaint.nodes.upscale import conditional_upscale
-    from headless import smoke_checkpoints
+    from faithful_inpaint.patching.upscale import conditional_upscale
+    from faithful_inpaint.devtools import smoke_checkpoints
 
     models = smoke_checkpoints.default_models_dir()
     name = smoke_checkpoints.ensure_smoke_models(models, ["sd_x4_upscaler"])["sd_x4_upscaler"]
@@ -76,7 +74,7 @@ def main():
     print("|---|---|---|---|")
     for size in args.size:
         for variant in ("plain x4 upscale", "InpaintConditionalUpscale"):
-            out = subprocess.run([sys.executable, __file__, "--one", variant, "--size", str(size), "--steps",
+            out = subprocess.run([sys.executable, "-m", __spec__.name, "--one", variant, "--size", str(size), "--steps",
                                   str(args.steps)], capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| {size} px | {variant} | {r['time']:.1f} | {r['peak'] / 2**20:.0f} |", flush=True)

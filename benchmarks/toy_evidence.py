@@ -1,7 +1,7 @@
 """Evidence harness: does each mechanism make the toy model inpaint what the prompt asks for?
 
-    .venv/bin/python benchmarks/toy_evidence.py --out runs/evidence            # 200 cases per mechanism
-    .venv/bin/python benchmarks/toy_evidence.py --cases 40 --only baseline PAIntA --out runs/quick
+    .venv/bin/python -m faithful_inpaint.benchmarks.toy_evidence --out runs/evidence            # 200 cases per mechanism
+    .venv/bin/python -m faithful_inpaint.benchmarks.toy_evidence --cases 40 --only baseline PAIntA --out runs/quick
 
 Every mechanism runs the same paired inpainting cases (kernels/toy_world.make_cases: half with the mask on empty
 background, half with the mask next to an object of another colour and shape) with the same noise seeds, through
@@ -24,7 +24,6 @@ import argparse
 import functools
 import json
 import math
-import sys
 import textwrap
 import time
 from dataclasses import dataclass
@@ -35,10 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from headless import host  # noqa: E402
-from kernels import masks  # noqa: E402
-from kernels import toy_world as tw  # noqa: E402
+from faithful_inpaint.devtools import host
+from faithful_inpaint.kernels import masks
+from faithful_inpaint.kernels import toy_world as tw
 
 METRICS = ("present", "dominant", "shape_ok")
 DEFAULT_SEED = 10_000     # the first case's seed
@@ -141,8 +139,7 @@ def masked_tokens(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def block_masked_to_known(model, mask: torch.Tensor):
     """A clone of ``model`` whose self-attention rows of masked pixels (``mask`` [1, H, W], 1 = inpaint, any
     resolution) attend to masked pixels only; known pixels' rows are the host's attention output unchanged."""
-    from faithful_inpaint.patching.attention_capture import host_attention
-    from faithful_inpaint.patching.blocks import transformer_blocks
+    from faithful_inpaint.patching.blocks import host_attention, transformer_blocks
 
     clone = model.clone()
     by_size = {}                                   # (height, width) -> masked tokens, computed once per level

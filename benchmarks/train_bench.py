@@ -1,7 +1,7 @@
 """Branch-training throughput (samples/s) and peak memory, through the real training script and core.
 
-    .venv/bin/python benchmarks/train_bench.py [--recipe brushnet] [--steps 12] [--batch-size 4]
-    .venv/bin/python benchmarks/train_bench.py --full [--resolution 512] [--mixed-precision bf16]
+    .venv/bin/python -m faithful_inpaint.benchmarks.train_bench [--recipe brushnet] [--steps 12] [--batch-size 4]
+    .venv/bin/python -m faithful_inpaint.benchmarks.train_bench --full [--resolution 512] [--mixed-precision bf16]
         [--gradient-checkpointing]                       # SD1.5 size: run on a GPU
 
 Default: the tiny random SD1.5 (ComfyUI's UNet with the unit tests' config, a small VAE, the full-size random CLIP)
@@ -13,17 +13,15 @@ peak resident set size of the process above its level before training (polled ev
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._measure import PeakRSS, device_name  # noqa: E402
-from training import train_branch  # noqa: E402
-from training.make_synthetic_data import write_dataset  # noqa: E402
+from faithful_inpaint.benchmarks._measure import PeakRSS, device_name
+from faithful_inpaint.training import train_branch
+from faithful_inpaint.training.make_synthetic_data import write_dataset
 
 
 def main(argv=None):

@@ -23,7 +23,7 @@ when it saves)::
 * The value replaces whatever the converted prompt had there (a widget value or a link).
 * A target node must survive conversion (not muted, bypassed, a Reroute, PrimitiveNode or Note).
 * Asking for an override the workflow does not declare is an error (the runner never guesses targets).
-* ``smoke`` (used by ``--smoke``): a value that is a smoke model kind (``headless.smoke_checkpoints.KINDS``)
+* ``smoke`` (used by ``--smoke``): a value that is a smoke model kind (``devtools.smoke_checkpoints.KINDS``)
   generates that random-weight file and feeds its name to the targets of the same key (a list of kinds feeds one
   kind to each target, in order: ``"ckpt": ["sd15_inpaint", "sd_x4_upscaler"]``); ``image_size`` [w, h] sets
   the generated test image; any other key is a default value for that override in smoke runs.

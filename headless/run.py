@@ -1,6 +1,6 @@
 """Run a ComfyUI workflow headless: the UI's Queue button, from the command line.
 
-    python -m headless.run [WORKFLOW.json] [--out DIR] [--image PATH] [--mask PATH] [--subject PATH]
+    python -m faithful_inpaint.headless.run [WORKFLOW.json] [--out DIR] [--image PATH] [--mask PATH] [--subject PATH]
                            [--prompt TEXT] [--negative TEXT] [--seed N] [--steps N] [--ckpt FILE ...] [--branch FILE]
                            [--smoke] [--comfyui-base DIR]
 
@@ -19,7 +19,7 @@ name). ``--ckpt`` takes a checkpoint file (linked into the models folder) or the
 ``--branch`` likewise takes an inpainting branch file for ``models/inpaint`` (BrushNet, PowerPaint, or one trained
 with ``training/``).
 ``--smoke`` runs without real weights: it generates random-weight model files with the real shapes
-(``headless.smoke_checkpoints``) for the kinds the workflow's ``extra.faithful_inpaint.smoke`` names, plus a test
+(``devtools.smoke_checkpoints``) for the kinds the workflow's ``extra.faithful_inpaint.smoke`` names, plus a test
 image and a centred rectangular mask (and a subject image, for workflows that declare a 'subject' override) when none
 are given; THE OUTPUT IS THEN NOISE. ``--comfyui-base`` selects ComfyUI's models/, input/, output/ folders (default:
 ComfyUI's own; ``.smoke/comfyui`` of this repository with ``--smoke``). Exit status: 0 on success, 1 when
@@ -37,13 +37,10 @@ import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # allow ``python headless/run.py``
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from headless import host  # noqa: E402
-from headless.execute import RunError, RunInterrupted, interrupt_on_ctrl_c, run_prompt  # noqa: E402
-from headless.overrides import OverrideError, apply_overrides, declared_targets, pack_extra  # noqa: E402
-from headless.ui_to_api import WorkflowError, convert  # noqa: E402
+from faithful_inpaint.devtools import host
+from faithful_inpaint.headless.execute import RunError, RunInterrupted, interrupt_on_ctrl_c, run_prompt
+from faithful_inpaint.headless.overrides import OverrideError, apply_overrides, declared_targets, pack_extra
+from faithful_inpaint.headless.ui_to_api import WorkflowError, convert
 
 WORKFLOWS = host.PACK_ROOT / "workflows"
 TOY_DEMO, CKPT_DEFAULT = WORKFLOWS / "toy_world_demo.json", WORKFLOWS / "profi_painter.json"
@@ -52,7 +49,7 @@ DEFAULT_SMOKE_IMAGE_SIZE = (256, 256)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m headless.run", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m faithful_inpaint.headless.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workflow", nargs="?",
                    help="workflow saved by ComfyUI's UI (.json), or a PNG that embeds one (default: "
@@ -170,8 +167,8 @@ def make_test_subject(size):
 
 
 def smoke_model_kinds(workflow: dict) -> dict[str, list[str]]:
-    """The overrides whose smoke value names random-weight model kinds (headless.smoke_checkpoints.KINDS)."""
-    from headless import smoke_checkpoints
+    """The overrides whose smoke value names random-weight model kinds (devtools.smoke_checkpoints.KINDS)."""
+    from faithful_inpaint.devtools import smoke_checkpoints
 
     out = {}
     for key, value in (pack_extra(workflow).get("smoke") or {}).items():
@@ -185,7 +182,7 @@ def smoke_values(workflow: dict, given: dict, scratch: Path) -> dict:
     """Override values for a smoke run: generated model files, test image and mask, smoke defaults."""
     import folder_paths
 
-    from headless import smoke_checkpoints
+    from faithful_inpaint.devtools import smoke_checkpoints
 
     smoke = pack_extra(workflow).get("smoke") or {}
     size = tuple(smoke.get("image_size") or DEFAULT_SMOKE_IMAGE_SIZE)

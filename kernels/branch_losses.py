@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .masks import at_resolution
+from faithful_inpaint.kernels.masks import at_resolution
 
 MTA_WEIGHTS = {"noise": 1.0, "style": 100.0, "edge": 0.1}
 

@@ -72,7 +72,7 @@ class BranchConfig:
 
     @classmethod
     def tiny(cls, family: str = "sd15", cross_attention: bool = False) -> "BranchConfig":
-        """Matches headless/random_models.py's tiny UNets (same block layout, few channels)."""
+        """Matches devtools/random_models.py's tiny UNets (same block layout, few channels)."""
         if family == "sd15":
             cfg = cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=(1, 1, 1),
                       transformer_depth=(0, 0, 0), num_heads=4)

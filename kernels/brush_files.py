@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-from . import mtadiffusion, painternet
-from .brush_branch import BranchConfig, BrushBranch
+from faithful_inpaint.kernels import mtadiffusion, painternet
+from faithful_inpaint.kernels.brush_branch import BranchConfig
 
 META_KIND = "faithful_inpaint.kind"
 META_CONFIG = "faithful_inpaint.config"
@@ -25,31 +25,8 @@ META_CONFIG = "faithful_inpaint.config"
 POWERPAINT_TASK_TOKENS = ("P_ctxt", "P_shape", "P_obj")
 _PP_EMBED_PREFIX = "text_model.embeddings.token_embedding.trainable_embeddings."
 
-# Branch kinds of the pack's own files: kind -> factory(config_json) -> nn.Module following the branch contract.
-# The pack's four families are registered below; a new family registers its own.
-_FACTORIES: dict[str, Callable] = {}
-
 KIND_NAMES = {"brushnet": "BrushNet", "powerpaint": "PowerPaint v2 (BrushNet_CA)", painternet.KIND: "PainterNet",
               mtadiffusion.KIND: "MTADiffusion", "powerpaint_text_encoder": "PowerPaint text encoder"}
-
-
-def register_branch_kind(kind: str, factory: Callable) -> None:
-    """Let ``BrushBranchLoader`` build the pack's own files of ``kind`` (metadata ``faithful_inpaint.kind``)."""
-    _FACTORIES[kind] = factory
-
-
-def branch_factory(kind: str) -> Optional[Callable]:
-    return _FACTORIES.get(kind)
-
-
-def _brush_branch(config_json: str) -> BrushBranch:
-    return BrushBranch(BranchConfig.from_json(config_json))
-
-
-register_branch_kind("brushnet", _brush_branch)
-register_branch_kind("powerpaint", _brush_branch)
-register_branch_kind(painternet.KIND, painternet.branch_from_config)
-register_branch_kind(mtadiffusion.KIND, mtadiffusion.branch_from_config)
 
 
 @dataclass(frozen=True)
@@ -147,16 +124,19 @@ def describe(shapes: dict[str, tuple]) -> str:
     return f"an unrecognised file ({len(keys)} tensors, e.g. {sample})"
 
 
-def save_branch_file(path, state_dict: dict, kind: str, config_json: str) -> None:
-    """Write one of the pack's own branch files (safetensors, atomically) that BrushBranchLoader recognises."""
+def save_branch_file(path, state_dict: dict, kind: str, config_json: str, metadata: Optional[dict] = None,
+                     dtype=None) -> None:
+    """Write one of the pack's own branch files that BrushBranchLoader recognises: safetensors (written to a
+    temporary file, then renamed: a killed write leaves no half file), the tensors on the CPU (in ``dtype`` if
+    given), metadata ``faithful_inpaint.kind`` / ``.config`` plus ``metadata``."""
     import os
 
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        save_file(tensors, tmp, metadata={META_KIND: kind, META_CONFIG: config_json})
+        save_file(tensors, tmp, metadata={META_KIND: kind, META_CONFIG: config_json, **(metadata or {})})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import masks as mask_ops
+from faithful_inpaint.kernels import masks as mask_ops
 
 LATENT_GRID = 8  # the VAE's downscale factor: working sizes are multiples of it
 

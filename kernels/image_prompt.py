@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .painta import sdpa
+from faithful_inpaint.kernels.painta import sdpa
 
 LINEAR, PLUS, FULL = "linear", "plus", "full"
 # Which CLIP-vision output each projection reads (names of comfy.clip_vision's encode_image output).

@@ -21,7 +21,7 @@ with c + 1 outputs; the first c continue through the branch, the extra one is th
 ``extras["edge"]`` [B, 1, h, w] at latent resolution (the structure loss compares it with the Sobel edges of the
 image downsampled to that size, :func:`kernels.branch_losses.sobel_edges`). It is not injected into the UNet.
 
-File format (contract section 3): metadata ``faithful_inpaint.kind = "mtadiffusion"``, ``faithful_inpaint.config``
+File format (docs/brush-branches.md): metadata ``faithful_inpaint.kind = "mtadiffusion"``, ``faithful_inpaint.config``
 = the :class:`kernels.brush_branch.BranchConfig` JSON (attention-free BrushNet fields: the kind fixes the attention
 layout above, so a BrushBranchApply that reads the config as a BrushNet config gets the right residual counts);
 tensors as BrushNet's plus ``{down,up}_blocks.N.attentions.M.*`` and ``mid_block.attentions.0.*``. No ComfyUI here.
@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .brush_branch import Attention, BranchConfig, BranchOutput, BrushBranch, FeedForward, Transformer2D
+from faithful_inpaint.kernels.brush_branch import (Attention, BranchConfig, BranchOutput, BrushBranch, FeedForward,
+                                                  Transformer2D)
 
 KIND = "mtadiffusion"
 EDGE_CHANNELS = 1

@@ -31,7 +31,7 @@ attention-patch key form (block_name, block_id, block_index), e.g. ("input", 1, 
 cross-attention probabilities; ``training.recipes.record_cross_attention`` captures them from every ``attn2`` of
 this module (the same :class:`kernels.brush_branch.Attention` layers as PowerPaint's).
 
-File format (contract section 3): metadata ``faithful_inpaint.kind = "painternet"``, ``faithful_inpaint.config`` =
+File format (docs/brush-branches.md): metadata ``faithful_inpaint.kind = "painternet"``, ``faithful_inpaint.config`` =
 :meth:`PainterNetConfig.to_json`; tensors as BrushNet/PowerPaint (``conv_in``, ``down_blocks.*`` with
 ``attentions``, ``brushnet_*_blocks``) plus ``attention_control_points.<n>.{weight,bias}`` (n in the order of
 :func:`transformer_block_keys` restricted to the chosen blocks). No ComfyUI import here.
@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .brush_branch import BranchConfig, BranchOutput, BrushBranch
+from faithful_inpaint.kernels.brush_branch import BranchConfig, BranchOutput, BrushBranch
 
 KIND = "painternet"
 ACP_ATTENTIONS = ("attn2", "attn1")     # cross-attention (default) or self-attention outputs

@@ -1,8 +1,7 @@
 """PILOT: coherent inpainting by latent optimisation (Pan et al.), the losses and schedules, host-free.
 
-Every formula below is taken from the official implementation as summarised in
-/work/shared/notes/reference-implementations.md, section "PILOT (official repo)" (the paper text we have lost its
-equations); the bullet each one comes from is quoted as "[notes: ...]".
+Every formula below follows the official implementation (the paper text we have lost its equations), as
+summarised in docs/pilot.md; the line each one comes from is quoted as "[notes: ...]".
 
 Mask convention inside this module: ``fg`` is ComfyUI's MASK (1 = regenerate, the foreground), and the kept
 background is ``1 - fg`` (PILOT's own masks use 1 = keep: convert with ``kernels.masks.invert``).

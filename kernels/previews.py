@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import masks as mask_ops
+from faithful_inpaint.kernels import masks as mask_ops
 
 
 def mask_levels_preview(mask: torch.Tensor, downsamples, separator: int = 2) -> torch.Tensor:

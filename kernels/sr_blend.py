@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import masks as mask_ops
+from faithful_inpaint.kernels import masks as mask_ops
 
 # Reference defaults (HD-Painter's super-resolution script).
 REFERENCE_MASK_DILATION = 19      # iterations of a 3x3 dilation at HR, i.e. a square of radius 19 px

@@ -405,7 +405,7 @@ def sd_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
 # Text: the world's words under ComfyUI's SD1 (CLIP-L) tokenizer, and the small text encoder behind it
 
 
-# The toy checkpoint file (training/toy_world.py writes it, nodes/toy_world.py reads it): UNet and text-encoder
+# The toy checkpoint file (training/toy_world.py writes it, patching/toy_world.py reads it): UNet and text-encoder
 # weights under these prefixes, configs and the training command as JSON in this safetensors metadata key.
 UNET_PREFIX, TEXT_PREFIX, META_KEY = "model.diffusion_model.", "text_encoder.", "faithful_inpaint.toy_world"
 

@@ -4,7 +4,7 @@ Each module lists its nodes in ``NODES``; adding a module here is the one step t
 """
 from comfy_api.latest import ComfyExtension
 
-from . import brush_branch, crop, image_prompt, painta, pilot, rasg, refinenet, toy_world, upscale
+from faithful_inpaint.nodes import brush_branch, crop, image_prompt, painta, pilot, rasg, refinenet, toy_world, upscale
 
 MODULES = (painta, rasg, upscale, pilot, crop, image_prompt, brush_branch, refinenet, toy_world)
 

@@ -5,29 +5,24 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from dataclasses import dataclass, field
-from typing import Optional
 
-import torch
 import folder_paths
+import torch
 from comfy_api.latest import io
 
-from ..kernels import brush_files
-from ..kernels.batch import COND, UNCOND
-from ..kernels.brush_branch import keep_mask_at, masked_image
-from ..kernels.painternet import KIND as PAINTERNET
-from ..patching import family
-from ..patching.brush_branch import (BranchConditioning, BrushBranchHooks, branch_dtype, branch_patcher,
-                                     plan_for)
-from ..patching.errors import NodeInputError
-from ..patching.model_files import model_file_path, register_model_folder
-from ..patching.painternet import check_acp_blocks, pad_context
-from ..patching.schedule import ScheduleWindow
+from faithful_inpaint.kernels.batch import COND, UNCOND
+from faithful_inpaint.kernels.brush_branch import keep_mask_at, masked_image
+from faithful_inpaint.kernels.painternet import KIND as PAINTERNET
+from faithful_inpaint.patching import family
+from faithful_inpaint.patching.brush_branch import (LOADER_NODE, BranchConditioning, BrushBranchHooks, LoadedBranch,
+                                                    encode_task_prompt, load_branch, plan_for)
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.model_files import model_file_path, register_model_folder
+from faithful_inpaint.patching.painternet import check_acp_blocks, pad_context
+from faithful_inpaint.patching.schedule import ScheduleWindow
 
 log = logging.getLogger(__name__)
 
-LOADER_NODE = "BrushBranchLoader"
 APPLY_NODE = "BrushBranchApply"
 FOLDER = "inpaint"
 NONE = "none"
@@ -46,139 +41,6 @@ POWERPAINT_TASKS = {
     "context aware": (("P_ctxt", "P_ctxt"), ("", "")),
     "image outpainting": (("P_ctxt", "P_ctxt"), ("P_obj", "P_obj")),
 }
-
-
-@dataclass
-class LoadedBranch:
-    """What BrushBranchLoader hands to BrushBranchApply."""
-    patcher: object                          # comfy ModelPatcher around the branch module
-    kind: brush_files.FileKind
-    name: str
-    task_encoder: Optional[object] = None    # PowerPaint: ComfyUI CLIP built from its text encoder
-    task_vectors: dict = field(default_factory=dict)   # PowerPaint: {"P_obj": [10, 768], ...}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------------------
-
-def _read(path: str, node: str, input_name: str):
-    import comfy.utils
-
-    try:
-        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    except Exception as err:  # unreadable, truncated, or a pickle that safe loading refuses
-        raise NodeInputError(node, input_name, f"cannot read {os.path.basename(path)}: {err}") from err
-    return sd, (metadata or {})
-
-
-def _peek(path: str, node: str, input_name: str):
-    """({key: shape}, metadata) of a safetensors file from its header alone (a wrong 7 GB file fails at once);
-    None for other formats, which have to be read whole."""
-    if not path.endswith((".safetensors", ".sft")):
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, (f.metadata() or {})
-    except Exception as err:
-        raise NodeInputError(node, input_name, f"cannot read {os.path.basename(path)}: {err}") from err
-
-
-def _classify(shapes: dict, metadata: dict, path: str, input_name: str) -> brush_files.FileKind:
-    try:
-        kind = brush_files.classify(shapes, metadata)
-    except brush_files.UnknownBranchFile as err:
-        raise NodeInputError(LOADER_NODE, input_name, f"{os.path.basename(path)} is not a BrushNet/PowerPaint "
-                             f"branch: {err}.") from None
-    if not kind.public and not path.endswith(".safetensors"):
-        raise NodeInputError(LOADER_NODE, input_name, "the pack's own branch files are safetensors only.")
-    return kind
-
-
-def _kind_of(path: str, input_name: str) -> brush_files.FileKind:
-    peeked = _peek(path, LOADER_NODE, input_name)
-    if peeked is None:
-        sd, metadata = _read(path, LOADER_NODE, input_name)
-        peeked = ({k: tuple(v.shape) for k, v in sd.items()}, metadata)
-        del sd
-    return _classify(*peeked, path, input_name)
-
-
-def load_branch(path: str, text_encoder_path: Optional[str] = None) -> LoadedBranch:
-    """Read a branch file (and, for PowerPaint, its text encoder) and build the branch, strict key matching."""
-    kind = _kind_of(path, "branch_name")
-    if kind.kind == "powerpaint_text_encoder":
-        raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} is PowerPaint's text encoder; "
-                             "choose it as powerpaint_text_encoder and the PowerPaint branch as branch_name.")
-    if kind.kind == "powerpaint" and text_encoder_path is None:
-        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", "a PowerPaint branch needs its text encoder "
-                             "(PowerPaint_Brushnet/pytorch_model.bin, next to the branch in models/inpaint): it "
-                             "carries the task prompts.")
-    factory = brush_files.branch_factory(kind.kind)
-    if factory is None:
-        raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} is a '{kind.kind}' branch, a "
-                             "recipe this version of the pack does not know (update the pack).")
-    sd, _ = _read(path, LOADER_NODE, "branch_name")
-    with torch.device("meta"):
-        module = factory(kind.config if kind.config is not None else kind.branch_config().to_json())
-    dtype = branch_dtype()
-    try:
-        module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
-    except RuntimeError as err:
-        raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} looks like {kind.label} but "
-                             f"its tensors do not match that architecture: {str(err)[:400]}") from None
-    module.eval().requires_grad_(False)
-    loaded = LoadedBranch(branch_patcher(module), kind, os.path.basename(path))
-    if kind.kind == "powerpaint":
-        loaded.task_encoder, loaded.task_vectors = load_powerpaint_text_encoder(text_encoder_path)
-    return loaded
-
-
-def load_powerpaint_text_encoder(path: str):
-    """PowerPaint's text encoder as a ComfyUI CLIP plus its task-prompt vectors.
-
-    The public file is a CLIPTextModel state dict whose token embedding is wrapped: ``...token_embedding.wrapped``
-    holds the ordinary vocabulary, ``...token_embedding.trainable_embeddings.P_ctxt`` (and P_shape, P_obj) the 10
-    learned vectors of each task prompt. The vocabulary goes back to the plain key; the task vectors are spliced
-    into the token sequence when a task prompt is encoded (ComfyUI's embedding-token path).
-    """
-    import comfy.sd
-
-    kind = _kind_of(path, "powerpaint_text_encoder")
-    if kind.kind != "powerpaint_text_encoder":
-        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", f"{os.path.basename(path)} is {kind.label}, "
-                             "not PowerPaint's text encoder (PowerPaint_Brushnet/pytorch_model.bin of PowerPaint v2).")
-    sd, _ = _read(path, LOADER_NODE, "powerpaint_text_encoder")
-    vectors = {t: sd.pop(k).float() for t, k in brush_files.powerpaint_task_keys().items() if k in sd}
-    missing = set(brush_files.POWERPAINT_TASK_TOKENS) - set(vectors)
-    if missing:
-        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", f"the text encoder lacks the task prompts "
-                             f"{sorted(missing)}.")
-    wrapped = "text_model.embeddings.token_embedding.wrapped.weight"
-    if wrapped in sd:
-        sd["text_model.embeddings.token_embedding.weight"] = sd.pop(wrapped)
-    clip = comfy.sd.load_text_encoder_state_dicts(state_dicts=[sd], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
-                                                  embedding_directory=folder_paths.get_folder_paths("embeddings"))
-    return clip, vectors
-
-
-def encode_task_prompt(clip, vectors: dict, task: str) -> torch.Tensor:
-    """[1, 77, 768] embedding of a task prompt ("P_obj" ...; "" = the empty prompt) through PowerPaint's encoder.
-
-    The prompt is the start token, the task's learned vectors, the end token, padding: how PowerPaint's tokenizer
-    wrapper expands its placeholder into 10 tokens.
-    """
-    tokens = clip.tokenize("")
-    if task:
-        seq = tokens["l"][0]
-        entry = seq[1]
-        vecs = vectors[task]
-        new = [seq[0]] + [(vecs[i],) + tuple(entry[1:]) for i in range(vecs.shape[0])]
-        new += seq[1:len(seq) - vecs.shape[0]]
-        tokens["l"][0] = new
-    return clip.encode_from_tokens(tokens, return_pooled=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..kernels import crop as crop_ops
-from ..kernels import masks as mask_ops
-from ..patching.errors import NodeInputError
+from faithful_inpaint.kernels import crop as crop_ops
+from faithful_inpaint.kernels import masks as mask_ops
+from faithful_inpaint.patching.errors import NodeInputError
 
 CROP_ID = "InpaintCropAroundMask"
 STITCH_ID = "InpaintStitch"

@@ -7,13 +7,13 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..kernels import masks as mask_ops
-from ..kernels.image_prompt import ImagePromptAdapter
-from ..patching import image_prompt as ip
-from ..patching import prompt
-from ..patching.errors import NodeInputError
-from ..patching.model_files import model_file_path, register_model_folder
-from ..patching.schedule import ScheduleWindow
+from faithful_inpaint.kernels import masks as mask_ops
+from faithful_inpaint.kernels.image_prompt import ImagePromptAdapter
+from faithful_inpaint.patching import image_prompt as ip
+from faithful_inpaint.patching import prompt
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.model_files import model_file_path, register_model_folder
+from faithful_inpaint.patching.schedule import ScheduleWindow
 
 CATEGORY = "inpaint/faithful/LAR-Gen"
 FOLDER = "ipadapter"

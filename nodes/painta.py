@@ -5,13 +5,13 @@ import logging
 
 from comfy_api.latest import io
 
-from ..kernels import masks as mask_ops
-from ..kernels.painta import REFERENCE_SMOOTHING_SIGMA
-from ..patching import family, prompt
-from ..patching.errors import NodeInputError
-from ..patching.painta import PAIntAHooks
-from ..patching.schedule import ScheduleWindow
-from ..kernels.previews import mask_levels_preview
+from faithful_inpaint.kernels import masks as mask_ops
+from faithful_inpaint.kernels.painta import REFERENCE_SMOOTHING_SIGMA
+from faithful_inpaint.patching import family, prompt
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.painta import PAIntAHooks
+from faithful_inpaint.patching.schedule import ScheduleWindow
+from faithful_inpaint.kernels.previews import mask_levels_preview
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import logging
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..patching import family, pilot
-from ..patching.errors import NodeInputError
-from ..patching.prompt import token_positions
+from faithful_inpaint.patching import family, pilot
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.prompt import token_positions
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import logging
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..kernels import masks as mask_ops
-from ..patching import family, rasg
-from ..patching.errors import NodeInputError
-from ..patching.prompt import token_positions
+from faithful_inpaint.kernels import masks as mask_ops
+from faithful_inpaint.patching import family, rasg
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.prompt import token_positions
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..kernels import refinenet as rn
-from ..patching import family
-from ..patching.errors import NodeInputError
-from ..patching.model_files import model_file_path, register_model_folder
-from ..patching.refinenet import RefineNet, RefineNetHooks, decoder_layers
-from ..patching.schedule import ScheduleWindow
+from faithful_inpaint.kernels import refinenet as rn
+from faithful_inpaint.patching import family
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.model_files import model_file_path, register_model_folder
+from faithful_inpaint.patching.refinenet import RefineNet, RefineNetHooks, decoder_layers
+from faithful_inpaint.patching.schedule import ScheduleWindow
 
 log = logging.getLogger(__name__)
 

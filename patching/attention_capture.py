@@ -19,9 +19,9 @@ from typing import Iterable
 
 import torch
 
-from ..kernels.attention_maps import attention_maps
-from ..kernels.batch import COND, chunks
-from .blocks import BlockKey, transformer_blocks
+from faithful_inpaint.kernels.attention_maps import attention_maps
+from faithful_inpaint.kernels.batch import COND, chunks
+from faithful_inpaint.patching.blocks import BlockKey, host_attention, previous_replace, transformer_blocks
 
 ATTENTIONS = ("attn1", "attn2")  # self-attention, cross-attention
 
@@ -67,11 +67,8 @@ class AttentionRecorder:
         """A clone of ``model`` (a ModelPatcher) with the capture patches; the model itself is left unchanged."""
         layers = self._layers(model.get_model_object("diffusion_model"))
         clone = model.clone()
-        replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {})
         for attention, key in layers:
-            existing = replaces.get(attention, {})
-            # ComfyUI looks a replace up by (block, id, index) first, then by (block, id): chain what it would call.
-            previous = existing.get(key, existing.get(key[:2]))
+            previous = previous_replace(clone, attention, key)
             setter = clone.set_model_attn1_replace if attention == "attn1" else clone.set_model_attn2_replace
             setter(_capturing_replace(self, attention, key, previous), *key)
         return clone
@@ -122,12 +119,3 @@ def _capturing_replace(recorder: AttentionRecorder, attention: str, key: BlockKe
         return out
 
     return replace
-
-
-def host_attention(q, k, v, extra_options):
-    """ComfyUI's selected attention function, exactly as CrossAttention.forward calls it."""
-    from comfy.ldm.modules import attention
-
-    return attention.optimized_attention(q, k, v, extra_options["n_heads"],
-                                         attn_precision=extra_options.get("attn_precision"),
-                                         transformer_options=extra_options)

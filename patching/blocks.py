@@ -1,4 +1,5 @@
-"""The transformer blocks of a ComfyUI UNet, keyed as ComfyUI's attention patches key them, with their resolution.
+"""The transformer blocks of a ComfyUI UNet, keyed as ComfyUI's attention patches key them, with their resolution,
+and what an attention replace on them chains: the replace installed before it, or ComfyUI's own attention.
 
 Key: (block_name, block_id, block_index) with block_name "input" | "middle" | "output", the same triple ComfyUI
 uses for attn1/attn2 replace patches. ``downsample`` is how many times smaller than the latent the block's feature
@@ -50,3 +51,19 @@ def key_of(extra_options: dict) -> BlockKey:
     """The block key of the transformer block an attention patch is running in."""
     block = extra_options["block"]
     return (block[0], block[1], extra_options.get("block_index", 0))
+
+
+def previous_replace(model, attention: str, key: BlockKey):
+    """The ``attention`` ("attn1" | "attn2") replace a ModelPatcher already has on block ``key``, or None. ComfyUI
+    looks a replace up by (block, id, index) first, then by (block, id): a new replace chains what it would call."""
+    replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(attention, {})
+    return replaces.get(key, replaces.get(key[:2]))
+
+
+def host_attention(q, k, v, extra_options):
+    """ComfyUI's selected attention function, exactly as CrossAttention.forward calls it."""
+    from comfy.ldm.modules import attention
+
+    return attention.optimized_attention(q, k, v, extra_options["n_heads"],
+                                         attn_precision=extra_options.get("attn_precision"),
+                                         transformer_options=extra_options)

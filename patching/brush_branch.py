@@ -25,21 +25,27 @@ Shared injection path (sampling and training use the same function)::
 
     with inject_residuals(unet, branch_output, strength, transformer_options) as options:
         eps = unet(x, timesteps, context, y, transformer_options=options)
+
+Loading (``load_branch``): a branch file, classified from its tensor names and metadata (kernels/brush_files.py),
+built on the meta device and filled with strict key matching; PowerPaint's text encoder becomes a ComfyUI CLIP
+plus its task-prompt vectors.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from ..kernels import masks as mask_ops
-from ..kernels.batch import COND, chunks
-from ..kernels.brush_branch import LATENT_CHANNELS, BranchOutput
-from .errors import NodeInputError
-from .painternet import with_attention_control
-from .schedule import ScheduleWindow
+from faithful_inpaint.kernels import brush_files, mtadiffusion, painternet
+from faithful_inpaint.kernels import masks as mask_ops
+from faithful_inpaint.kernels.batch import COND, chunks
+from faithful_inpaint.kernels.brush_branch import LATENT_CHANNELS, BranchConfig, BranchOutput, BrushBranch
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.painternet import with_attention_control
+from faithful_inpaint.patching.schedule import ScheduleWindow
 
 WRAPPER_KEY = "faithful_inpaint.brush_branch"
 
@@ -263,3 +269,150 @@ def unet_state_dict_diffusers(model) -> dict:
     d2l = comfy.utils.unet_to_diffusers(base.model_config.unet_config)
     return {dk: unet_sd[lk] for dk, lk in d2l.items() if lk in unet_sd}
 
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading branch files (BrushBranchLoader): public BrushNet / PowerPaint files and the pack's own (kernels/brush_files)
+# --------------------------------------------------------------------------------------------------------------------
+
+LOADER_NODE = "BrushBranchLoader"
+
+
+def _brush_branch(config_json: str) -> BrushBranch:
+    return BrushBranch(BranchConfig.from_json(config_json))
+
+
+# The pack's own branch files: kind (metadata ``faithful_inpaint.kind``) -> builder(config JSON) -> the branch module.
+BRANCH_FACTORIES: dict[str, Callable] = {
+    "brushnet": _brush_branch, "powerpaint": _brush_branch,
+    painternet.KIND: painternet.branch_from_config, mtadiffusion.KIND: mtadiffusion.branch_from_config,
+}
+
+
+@dataclass
+class LoadedBranch:
+    """What BrushBranchLoader hands to BrushBranchApply."""
+    patcher: object                          # comfy ModelPatcher around the branch module
+    kind: brush_files.FileKind
+    name: str
+    task_encoder: Optional[object] = None    # PowerPaint: ComfyUI CLIP built from its text encoder
+    task_vectors: dict = field(default_factory=dict)   # PowerPaint: {"P_obj": [10, 768], ...}
+
+
+def _read(path: str, node: str, input_name: str):
+    import comfy.utils
+
+    try:
+        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except Exception as err:  # unreadable, truncated, or a pickle that safe loading refuses
+        raise NodeInputError(node, input_name, f"cannot read {os.path.basename(path)}: {err}") from err
+    return sd, (metadata or {})
+
+
+def _peek(path: str, node: str, input_name: str):
+    """({key: shape}, metadata) of a safetensors file from its header alone (a wrong 7 GB file fails at once);
+    None for other formats, which have to be read whole."""
+    if not path.endswith((".safetensors", ".sft")):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, (f.metadata() or {})
+    except Exception as err:
+        raise NodeInputError(node, input_name, f"cannot read {os.path.basename(path)}: {err}") from err
+
+
+def _classify(shapes: dict, metadata: dict, path: str, input_name: str) -> brush_files.FileKind:
+    try:
+        kind = brush_files.classify(shapes, metadata)
+    except brush_files.UnknownBranchFile as err:
+        raise NodeInputError(LOADER_NODE, input_name, f"{os.path.basename(path)} is not a BrushNet/PowerPaint "
+                             f"branch: {err}.") from None
+    if not kind.public and not path.endswith(".safetensors"):
+        raise NodeInputError(LOADER_NODE, input_name, "the pack's own branch files are safetensors only.")
+    return kind
+
+
+def _kind_of(path: str, input_name: str) -> brush_files.FileKind:
+    peeked = _peek(path, LOADER_NODE, input_name)
+    if peeked is None:
+        sd, metadata = _read(path, LOADER_NODE, input_name)
+        peeked = ({k: tuple(v.shape) for k, v in sd.items()}, metadata)
+        del sd
+    return _classify(*peeked, path, input_name)
+
+
+def load_branch(path: str, text_encoder_path: Optional[str] = None) -> LoadedBranch:
+    """Read a branch file (and, for PowerPaint, its text encoder) and build the branch, strict key matching."""
+    kind = _kind_of(path, "branch_name")
+    if kind.kind == "powerpaint_text_encoder":
+        raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} is PowerPaint's text encoder; "
+                             "choose it as powerpaint_text_encoder and the PowerPaint branch as branch_name.")
+    if kind.kind == "powerpaint" and text_encoder_path is None:
+        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", "a PowerPaint branch needs its text encoder "
+                             "(PowerPaint_Brushnet/pytorch_model.bin, next to the branch in models/inpaint): it "
+                             "carries the task prompts.")
+    factory = BRANCH_FACTORIES.get(kind.kind)
+    if factory is None:
+        raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} is a '{kind.kind}' branch, a "
+                             "recipe this version of the pack does not know (update the pack).")
+    sd, _ = _read(path, LOADER_NODE, "branch_name")
+    with torch.device("meta"):
+        module = factory(kind.config if kind.config is not None else kind.branch_config().to_json())
+    dtype = branch_dtype()
+    try:
+        module.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    except RuntimeError as err:
+        raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} looks like {kind.label} but "
+                             f"its tensors do not match that architecture: {str(err)[:400]}") from None
+    module.eval().requires_grad_(False)
+    loaded = LoadedBranch(branch_patcher(module), kind, os.path.basename(path))
+    if kind.kind == "powerpaint":
+        loaded.task_encoder, loaded.task_vectors = load_powerpaint_text_encoder(text_encoder_path)
+    return loaded
+
+
+def load_powerpaint_text_encoder(path: str):
+    """PowerPaint's text encoder as a ComfyUI CLIP plus its task-prompt vectors.
+
+    The public file is a CLIPTextModel state dict whose token embedding is wrapped: ``...token_embedding.wrapped``
+    holds the ordinary vocabulary, ``...token_embedding.trainable_embeddings.P_ctxt`` (and P_shape, P_obj) the 10
+    learned vectors of each task prompt. The vocabulary goes back to the plain key; the task vectors are spliced
+    into the token sequence when a task prompt is encoded (ComfyUI's embedding-token path).
+    """
+    import comfy.sd
+    import folder_paths
+
+    kind = _kind_of(path, "powerpaint_text_encoder")
+    if kind.kind != "powerpaint_text_encoder":
+        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", f"{os.path.basename(path)} is {kind.label}, "
+                             "not PowerPaint's text encoder (PowerPaint_Brushnet/pytorch_model.bin of PowerPaint v2).")
+    sd, _ = _read(path, LOADER_NODE, "powerpaint_text_encoder")
+    vectors = {t: sd.pop(k).float() for t, k in brush_files.powerpaint_task_keys().items() if k in sd}
+    missing = set(brush_files.POWERPAINT_TASK_TOKENS) - set(vectors)
+    if missing:
+        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", f"the text encoder lacks the task prompts "
+                             f"{sorted(missing)}.")
+    wrapped = "text_model.embeddings.token_embedding.wrapped.weight"
+    if wrapped in sd:
+        sd["text_model.embeddings.token_embedding.weight"] = sd.pop(wrapped)
+    clip = comfy.sd.load_text_encoder_state_dicts(state_dicts=[sd], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
+                                                  embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return clip, vectors
+
+
+def encode_task_prompt(clip, vectors: dict, task: str) -> torch.Tensor:
+    """[1, 77, 768] embedding of a task prompt ("P_obj" ...; "" = the empty prompt) through PowerPaint's encoder.
+
+    The prompt is the start token, the task's learned vectors, the end token, padding: how PowerPaint's tokenizer
+    wrapper expands its placeholder into 10 tokens.
+    """
+    tokens = clip.tokenize("")
+    if task:
+        seq = tokens["l"][0]
+        entry = seq[1]
+        vecs = vectors[task]
+        new = [seq[0]] + [(vecs[i],) + tuple(entry[1:]) for i in range(vecs.shape[0])]
+        new += seq[1:len(seq) - vecs.shape[0]]
+        tokens["l"][0] = new
+    return clip.encode_from_tokens(tokens, return_pooled=False)

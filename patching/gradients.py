@@ -7,23 +7,12 @@ Two obstacles, one answer each:
    sampling run, right after ComfyUI has loaded and patched the model and the additional models of the run (the
    ControlNets of the conditioning, GLIGEN, models other nodes attached with ``set_additional_models`` or declared
    by their patches' ``models()``), ``convert_inference_weights`` replaces each of their inference-tensor
-   parameters and buffers on the device they run on by an ordinary tensor with the same values. Nothing is restored afterwards because nothing behavioural changed: every clone sharing the
-   diffusion model computes bit-identical outputs with the converted tensors, ComfyUI's unpatching puts its own
-   backups back as before, and a later load or re-patch under inference mode is converted again by the next run.
-   Weights kept on another device (low-VRAM partial loading) are skipped: ComfyUI copies them to the compute device
-   in every forward, and those copies, made inside the gradient pass, are ordinary tensors already.
-   Measured against the previous approach, a weight wrapper on every UNet weight (``add_weight_wrapper``, as
-   ComfyUI's LoRA-training node does: every forward copies every weight), on random-weight SD1.5, CPU, 2 threads,
-   one 32x32 latent, median of 4 interleaved runs on a quiet machine:
-                                 plain    wrapped   converted
-       full (860 M) forward      0.88 s   1.10 s    0.88 s     conversion once: 0.55 s
-       full grad forward+back      -      3.15 s    2.03 s
-   The wrappers cost a copy of every weight per forward, also in the plain (unguided) calls of the prepared model,
-   and in a gradient pass those copies are held for backward (peak memory + one weight copy); the conversion costs
-   one copy per run and, after it, nothing. End to end (``benchmarks/rasg_bench.py --with-wrappers``, SD1.5
-   inpainting, 256 px, RASG every step, first run in a fresh process): peak memory above the pre-run level
-   648 MiB converted vs 3808 MiB wrapped (plain DDIM 248 MiB). Not covered: weight hooks that ComfyUI re-patches between steps (conditioning-scheduled
-   LoRA hooks) outside a gradient pass.
+   parameters and buffers on the device they run on by an ordinary tensor with the same values. Nothing is restored
+   afterwards because nothing behavioural changed: every clone sharing the diffusion model computes bit-identical
+   outputs with the converted tensors, and a later load or re-patch under inference mode is converted again by the
+   next run. Weights kept on another device (low-VRAM partial loading) are skipped: ComfyUI copies them to the
+   compute device in every forward, inside the gradient pass. Why this and not a weight wrapper, with measurements:
+   docs/gradients.md.
 2. The executor samples under ``torch.inference_mode()``, and fast attention kernels (sage, flash, xformers) have
    no backward. ``gradient_pass(extra_args)`` leaves inference mode, enables autograd and gives the model call
    arguments whose ``model_options`` select ComfyUI's PyTorch attention (``optimized_attention_override``, read
@@ -78,27 +67,33 @@ def _convert_after_loading(executor, model, noise_shape, conds, *args, **kwargs)
 
 
 def convert_inference_weights(patchers: Iterable) -> int:
-    """Replace, in each ModelPatcher's model, every inference-tensor parameter and buffer that sits on the patcher's
-    load device by an ordinary tensor with the same values (shared tensors stay shared). Returns how many were
-    replaced; 0 when there is nothing left to do, so calling it again is cheap."""
+    """``autograd_weights`` on each ModelPatcher's model, for the tensors on the patcher's load device. Returns how
+    many were replaced; 0 when there is nothing left to do, so calling it again is cheap."""
+    replaced = 0
+    for patcher in patchers:
+        module = getattr(patcher, "model", None)
+        if isinstance(module, torch.nn.Module):
+            replaced += autograd_weights(module, torch.device(getattr(patcher, "load_device", "cpu")))
+    return replaced
+
+
+def autograd_weights(module: torch.nn.Module, device: torch.device | None = None) -> int:
+    """Replace every inference-tensor parameter and buffer of ``module`` (on ``device``, or anywhere) by an ordinary
+    tensor with the same values that autograd can use; shared tensors stay shared, parameters do not require grad.
+    Returns how many were replaced."""
     replaced = 0
     with torch.inference_mode(False):
-        for patcher in patchers:
-            module = getattr(patcher, "model", None)
-            if not isinstance(module, torch.nn.Module):
-                continue
-            device = torch.device(getattr(patcher, "load_device", "cpu"))
-            copies = {}
-            for sub in module.modules():
-                for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
-                    if not tensor.is_inference() or not _on(tensor, device):
-                        continue
-                    if id(tensor) not in copies:
-                        data = tensor.detach().clone()
-                        copies[id(tensor)] = (torch.nn.Parameter(data, requires_grad=False)
-                                              if isinstance(tensor, torch.nn.Parameter) else data)
-                        replaced += 1
-                    setattr(sub, name, copies[id(tensor)])
+        copies = {}
+        for sub in module.modules():
+            for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+                if not tensor.is_inference() or (device is not None and not _on(tensor, device)):
+                    continue
+                if id(tensor) not in copies:
+                    data = tensor.detach().clone()
+                    copies[id(tensor)] = (torch.nn.Parameter(data, requires_grad=False)
+                                          if isinstance(tensor, torch.nn.Parameter) else data)
+                    replaced += 1
+                setattr(sub, name, copies[id(tensor)])
     return replaced
 
 

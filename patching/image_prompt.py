@@ -24,16 +24,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import masks as mask_ops
-from ..kernels.batch import COND, chunks
-from ..kernels.image_prompt import LINEAR, AdapterSpec, ImagePromptAdapter, decoupled_attention
-from ..kernels.painta import sdpa
-from . import family
-from .attention_capture import host_attention
-from .blocks import BlockKey, TransformerBlockInfo, transformer_blocks
-from .errors import NodeInputError
-from .gradients import for_autograd
-from .schedule import ScheduleWindow
+from faithful_inpaint.kernels import masks as mask_ops
+from faithful_inpaint.kernels.batch import COND, chunks
+from faithful_inpaint.kernels.image_prompt import LINEAR, AdapterSpec, ImagePromptAdapter, decoupled_attention
+from faithful_inpaint.kernels.painta import sdpa
+from faithful_inpaint.patching import family
+from faithful_inpaint.patching.blocks import (BlockKey, TransformerBlockInfo, host_attention, previous_replace,
+                                              transformer_blocks)
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.gradients import for_autograd
+from faithful_inpaint.patching.schedule import ScheduleWindow
 
 BOTH, IMAGE_ONLY, TEXT_ONLY = "text + image", "image only", "text only"
 MODES = (BOTH, IMAGE_ONLY, TEXT_ONLY)
@@ -162,12 +162,10 @@ class ImagePromptHooks:
         """A clone of ``model`` with an attn2 replace on every cross-attention layer the hooks hold."""
         clone = model.clone()
         unet = clone.get_model_object("diffusion_model")
-        replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         for info in cross_attention_layers(unet):
             if info.key not in self.layers:
                 continue
-            # ComfyUI looks a replace up by (block, id, index) first, then by (block, id): chain what it would call.
-            previous = replaces.get(info.key, replaces.get(info.key[:2]))
+            previous = previous_replace(clone, "attn2", info.key)
             clone.set_model_attn2_replace(_replace(self, info.key, info.module.attn2, previous), *info.key)
         return clone
 

@@ -6,7 +6,7 @@ from typing import Iterable
 
 import folder_paths
 
-from .errors import NodeInputError
+from faithful_inpaint.patching.errors import NodeInputError
 
 
 def register_model_folder(folder: str, extra_extensions: Iterable[str] = ()) -> None:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import masks as mask_ops
-from ..kernels.batch import cond_slice
-from ..kernels.painta import REFERENCE_SMOOTHING_SIGMA, painta_attention, prompt_relevance
-from .errors import NodeInputError
-from .blocks import BlockKey, key_of, transformer_blocks
-from .prompt import RegionPrompt
-from .schedule import ScheduleWindow
+from faithful_inpaint.kernels import masks as mask_ops
+from faithful_inpaint.kernels.batch import cond_slice
+from faithful_inpaint.kernels.painta import REFERENCE_SMOOTHING_SIGMA, painta_attention, prompt_relevance
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.blocks import BlockKey, host_attention, key_of, previous_replace, transformer_blocks
+from faithful_inpaint.patching.prompt import RegionPrompt
+from faithful_inpaint.patching.schedule import ScheduleWindow
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,8 @@ class PAIntAHooks:
         """Register the hooks on ``model`` (a ModelPatcher clone); returns the patched block keys."""
         unet = model.get_model_object("diffusion_model")
         self._blocks = {b.key: b.module for b in transformer_blocks(unet) if b.downsample in self.downsamples}
-        replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
         for key in self._blocks:
-            # ComfyUI looks a replace up by (block, id, index) first, then by (block, id): chain what it would call.
-            previous = replaces.get(key, replaces.get(key[:2]))
+            previous = previous_replace(model, "attn1", key)
             model.set_model_attn1_replace(self._self_attention(key, previous), key[0], key[1], key[2])
         # Closures, not bound methods: ModelPatcher.clone() deep-copies model_options, and a bound method would drag
         # this object (and the UNet blocks it references) into the copy; functions are shared as they are.
@@ -74,7 +72,7 @@ class PAIntAHooks:
             if previous is not None:
                 out = previous(q, k, v, extra_options)
             else:
-                out = _host_attention(q, k, v, extra_options)
+                out = host_attention(q, k, v, extra_options)
             if self.window.contains(extra_options["sigmas"]):
                 self._pending[key] = _Pending(q, k, v, out, extra_options)
             return out
@@ -98,7 +96,7 @@ class PAIntAHooks:
         heads = extra_options["n_heads"]
 
         def attention(q, k, v, heads_):
-            return _host_attention(q, k, v, pending.extra_options)
+            return host_attention(q, k, v, pending.extra_options)
 
         new = painta_attention(pending.q, pending.k, pending.v, heads, relevance.to(pending.q.dtype), query_mask,
                                attention=attention, plain=pending.plain)
@@ -137,12 +135,3 @@ class PAIntAHooks:
         relevance = mask_ops.match_batch(relevance, per_chunk)
         self._last_relevance[key] = (sigma, relevance)
         return relevance
-
-
-def _host_attention(q, k, v, extra_options):
-    """ComfyUI's selected attention function, exactly as CrossAttention.forward calls it."""
-    from comfy.ldm.modules import attention
-
-    return attention.optimized_attention(q, k, v, extra_options["n_heads"],
-                                         attn_precision=extra_options.get("attn_precision"),
-                                         transformer_options=extra_options)

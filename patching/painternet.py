@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from ..kernels.brush_branch import BranchOutput
-from ..kernels.painternet import AttentionControl
-from .blocks import key_of, transformer_blocks
+from faithful_inpaint.kernels.brush_branch import BranchOutput
+from faithful_inpaint.kernels.painternet import AttentionControl
+from faithful_inpaint.patching.blocks import key_of, transformer_blocks
 
 
 def with_attention_control(output: BranchOutput, strength: float, transformer_options: dict) -> dict:

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import masks as mask_ops
-from ..kernels import pilot as pilot_math
-from ..kernels.attention_maps import split_heads
-from .attention_capture import AttentionRecorder, host_attention
-from .blocks import transformer_blocks
-from .errors import NodeInputError
-from .gradients import enable_gradients, for_autograd, gradient_pass
+from faithful_inpaint.kernels import masks as mask_ops
+from faithful_inpaint.kernels import pilot as pilot_math
+from faithful_inpaint.kernels.attention_maps import split_heads
+from faithful_inpaint.patching.attention_capture import AttentionRecorder
+from faithful_inpaint.patching.blocks import host_attention, previous_replace, transformer_blocks
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.gradients import enable_gradients, for_autograd, gradient_pass
 
 GUIDE_KEY = "faithful_inpaint_pilot"
 GUIDANCE_NODE = "PILOTGuidance"
@@ -86,11 +86,10 @@ def install(model, word_indices, boundary_control: bool = False):
     guide = PILOTGuide(recorder, list(word_indices), bool(boundary_control))
     clone = enable_gradients(model)
     if boundary_control:
-        replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         for info in transformer_blocks(clone.get_model_object("diffusion_model")):
             if getattr(info.module, "attn2", None) is None:
                 continue
-            previous = replaces.get(info.key, replaces.get(info.key[:2]))
+            previous = previous_replace(clone, "attn2", info.key)
             clone.set_model_attn2_replace(_boundary_replace(guide, previous), *info.key)
     # Installed last, the recorder chains the boundary control and records the probabilities BEFORE it, as the
     # reference code does (it stores the loss term, then masks the probabilities). After the control, every word

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.tokens import prompt_token_indices, word_token_indices
-from .errors import NodeInputError
+from faithful_inpaint.kernels.tokens import prompt_token_indices, word_token_indices
+from faithful_inpaint.patching.errors import NodeInputError
 
 CLIP_END_TOKEN = 49407
 

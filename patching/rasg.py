@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import masks as mask_ops
-from ..kernels import rasg as rasg_math
-from .attention_capture import AttentionRecorder
-from .errors import NodeInputError
-from .gradients import enable_gradients, for_autograd, gradient_pass
+from faithful_inpaint.kernels import masks as mask_ops
+from faithful_inpaint.kernels import rasg as rasg_math
+from faithful_inpaint.patching.attention_capture import AttentionRecorder
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.gradients import enable_gradients, for_autograd, gradient_pass
 
 GUIDE_KEY = "faithful_inpaint_rasg"
 SAMPLER_NODE = "RASGSampler"

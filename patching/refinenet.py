@@ -29,12 +29,12 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..kernels.batch import COND, chunks
-from ..kernels.refinenet import DetailEncoder, RefineNetConfig, concat_keys_values
-from .blocks import BlockKey, key_of, transformer_blocks
-from .errors import NodeInputError
-from .gradients import for_autograd
-from .schedule import ScheduleWindow
+from faithful_inpaint.kernels.batch import COND, chunks
+from faithful_inpaint.kernels.refinenet import DetailEncoder, RefineNetConfig, concat_keys_values
+from faithful_inpaint.patching.blocks import BlockKey, key_of, transformer_blocks
+from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.gradients import for_autograd
+from faithful_inpaint.patching.schedule import ScheduleWindow
 
 KEY = "faithful_inpaint_refinenet"        # prefix of the keys of the wrappers and the additional model on a clone
 SUBJECT_NOISE_SEED_OFFSET = 0x5EED        # the subject's noise differs from the sampler's own initial noise

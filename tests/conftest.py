@@ -1,7 +1,8 @@
 """Every test runs against a real ComfyUI: the pinned host or the checkout named by COMFYUI_PATH.
 
-The host is started once per session with its own base directory, and the pack is loaded as a custom node the way
-ComfyUI's start-up loads it, then made importable as ``faithful_inpaint``.
+The pack is imported as ``faithful_inpaint`` from the repository root (faithful_inpaint.py there), the host is
+started once per session with its own base directory, and the pack is loaded as a custom node the way ComfyUI's
+start-up loads it (its ``__init__`` makes ComfyUI's name for it the same package).
 """
 import sys
 import tempfile
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from headless import host  # noqa: E402
+from faithful_inpaint.devtools import host  # noqa: E402
 
 host.start(base_directory=tempfile.mkdtemp(prefix="faithful-inpaint-tests-"))
 host.load_pack_nodes()

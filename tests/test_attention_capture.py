@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from faithful_inpaint.kernels.attention_maps import attention_maps
-from faithful_inpaint.patching.attention_capture import AttentionRecorder, host_attention
-from faithful_inpaint.patching.blocks import transformer_blocks
-from headless.random_models import build_model
+from faithful_inpaint.patching.attention_capture import AttentionRecorder
+from faithful_inpaint.patching.blocks import host_attention, transformer_blocks
+from faithful_inpaint.devtools.random_models import build_model
 from helpers import forward
 
 SIGMA = 2.0

@@ -8,7 +8,7 @@ from faithful_inpaint.kernels.brush_branch import BranchConfig, BranchOutput, Br
 from faithful_inpaint.patching.brush_branch import (BranchConditioning, BrushBranchHooks, branch_patcher,
                                                     inject_residuals, unet_state_dict_diffusers)
 from faithful_inpaint.patching.schedule import ScheduleWindow
-from headless.random_models import build_model
+from faithful_inpaint.devtools.random_models import build_model
 from helpers import forward
 
 ALWAYS = ScheduleWindow(1e9, 0.0)
@@ -260,7 +260,7 @@ def tiny_controlnet():
     import comfy.controlnet
     import comfy.model_management
     import comfy.ops
-    from headless import random_models
+    from faithful_inpaint.devtools import random_models
 
     cfg = random_models.unet_config("sd15")
     cfg.pop("out_channels")

@@ -4,13 +4,13 @@ import torch
 
 from faithful_inpaint.kernels import brush_files
 from faithful_inpaint.kernels.brush_branch import BranchConfig, BrushBranch
-from faithful_inpaint.nodes.brush_branch import (BrushBranchApply, BrushBranchLoader, encode_task_prompt,
-                                                 load_branch)
-from faithful_inpaint.patching.brush_branch import inject_residuals, unet_state_dict_diffusers
+from faithful_inpaint.nodes.brush_branch import BrushBranchApply, BrushBranchLoader
+from faithful_inpaint.patching.brush_branch import (encode_task_prompt, inject_residuals, load_branch,
+                                                    unet_state_dict_diffusers)
 from faithful_inpaint.patching.errors import NodeInputError
-from headless import random_models
-from headless import smoke_checkpoints as sc
-from headless.random_models import build_model
+from faithful_inpaint.devtools import random_models
+from faithful_inpaint.devtools import smoke_checkpoints as sc
+from faithful_inpaint.devtools.random_models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def vae():
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    ddconfig = dict(sc._SD_VAE_DDCONFIG)   # ComfyUI reads the SD VAE with this fixed shape
+    ddconfig = dict(random_models.SD_VAE_DDCONFIG)   # ComfyUI reads the SD VAE with this fixed shape
     with torch.inference_mode():
         ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
         random_models.randomise(ae, 0)

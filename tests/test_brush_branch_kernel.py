@@ -43,7 +43,7 @@ def test_config_json_round_trip(cfg):
     ("sd15", "tiny", BranchConfig.tiny("sd15")), ("sdxl", "tiny", BranchConfig.tiny("sdxl")),
     ("sd15", "full", BranchConfig.sd15()), ("sdxl", "full", BranchConfig.sdxl())])
 def test_presets_match_the_comfy_unet_configs(family, size, preset):
-    from headless.random_models import unet_config
+    from faithful_inpaint.devtools.random_models import unet_config
 
     cfg = unet_config(family, size)
     assert BranchConfig.from_unet_config(cfg) == preset

@@ -13,7 +13,7 @@ import torch
 
 from faithful_inpaint.kernels import sr_blend
 from faithful_inpaint.patching.errors import NodeInputError
-from headless.random_models import randomise, build_model
+from faithful_inpaint.devtools.random_models import randomise, build_model
 
 _TINY_X4 = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -122,7 +122,7 @@ def scene(h=96, w=64, batch=1):
 
 
 def upscale(x4, vae, image, mask, low, **kw):
-    from faithful_inpaint.nodes.upscale import conditional_upscale
+    from faithful_inpaint.patching.upscale import conditional_upscale
 
     pos, neg = conds()
     args = dict(seed=3, steps=3, cfg=7.5, noise_level=20, mask_dilation=4, mask_blur=3, poisson_dilation=8,
@@ -409,7 +409,7 @@ def test_real_loader_path_with_the_smoke_checkpoint(node):
     import comfy.sd
     import nodes
 
-    from headless import smoke_checkpoints
+    from faithful_inpaint.devtools import smoke_checkpoints
 
     models = smoke_checkpoints.default_models_dir()
     name = smoke_checkpoints.ensure_smoke_models(models, ["sd_x4_upscaler"])["sd_x4_upscaler"]

@@ -167,7 +167,7 @@ def test_empty_mask_and_mismatched_inputs_are_clear_errors(nodes_):
 
 def test_crop_and_stitch_through_the_execution_engine(tmp_path):
     """EmptyImage + a mask -> crop -> invert the crop (a stand-in for inpainting) -> stitch -> SaveImage."""
-    from headless.execute import run_prompt
+    from faithful_inpaint.headless.execute import run_prompt
 
     prompt = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 75, "height": 51, "batch_size": 1, "color": 0x336699}},

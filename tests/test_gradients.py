@@ -13,7 +13,7 @@ from comfy.ldm.modules import attention
 from faithful_inpaint.patching.attention_capture import AttentionRecorder
 from faithful_inpaint.patching.gradients import (convert_inference_weights, enable_gradients, for_autograd,
                                                  gradient_pass)
-from headless.random_models import build_model
+from faithful_inpaint.devtools.random_models import build_model
 from helpers import forward
 
 INFERENCE_ERROR = "Inference tensors cannot be saved for backward"

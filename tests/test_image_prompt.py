@@ -21,12 +21,12 @@ from faithful_inpaint.kernels.painta import sdpa
 from faithful_inpaint.nodes import image_prompt as nip
 from faithful_inpaint.patching import image_prompt as ip
 from faithful_inpaint.patching import pilot
-from faithful_inpaint.patching.attention_capture import host_attention
+from faithful_inpaint.patching.blocks import host_attention
 from faithful_inpaint.patching.errors import NodeInputError
 from faithful_inpaint.patching.gradients import enable_gradients, gradient_pass
 from faithful_inpaint.patching.schedule import ScheduleWindow
-from headless import smoke_checkpoints as sc
-from headless.random_models import randomise, build_model, model_config
+from faithful_inpaint.devtools import smoke_checkpoints as sc
+from faithful_inpaint.devtools.random_models import randomise, build_model, model_config
 from helpers import forward
 
 VIT_H = {"hidden_size": 1280, "projection_dim": 1024}

@@ -10,7 +10,7 @@ from faithful_inpaint.kernels.mtadiffusion import MTADiffusionBranch, SelfAttent
 from faithful_inpaint.patching.brush_branch import (BranchConditioning, BrushBranchHooks, branch_patcher,
                                                     unet_state_dict_diffusers)
 from faithful_inpaint.patching.schedule import ScheduleWindow
-from headless.random_models import build_model
+from faithful_inpaint.devtools.random_models import build_model
 
 ALWAYS = ScheduleWindow(1e9, 0.0)
 CONTEXT_DIM = {"sd15": 768, "sdxl": 2048}
@@ -137,7 +137,7 @@ def test_one_trained_residual_changes_the_unet_from_its_place_on(models):
 def test_file_round_trip_through_the_loader(models, tmp_path):
     """Contract section 3: safetensors + kind/config metadata; BrushBranchLoader rebuilds the same branch, and its
     config reads as a plain BranchConfig (what BrushBranchApply checks the residual counts with)."""
-    from faithful_inpaint.nodes.brush_branch import load_branch
+    from faithful_inpaint.patching.brush_branch import load_branch
 
     branch = branch_for(models["sd15"])
     with torch.inference_mode():

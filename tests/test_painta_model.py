@@ -6,7 +6,7 @@ import comfy.sample
 from faithful_inpaint.patching.painta import PAIntAHooks
 from faithful_inpaint.patching.prompt import RegionPrompt
 from faithful_inpaint.patching.schedule import ScheduleWindow
-from headless.random_models import build_model
+from faithful_inpaint.devtools.random_models import build_model
 from helpers import forward
 
 CONTEXT_DIM = {"sd15": 768, "sd2": 1024, "sdxl": 2048}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from faithful_inpaint.patching.errors import NodeInputError
-from headless.random_models import build_clip, build_flux_model, build_model
+from faithful_inpaint.devtools.random_models import build_clip, build_flux_model, build_model
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from faithful_inpaint.patching.blocks import transformer_blocks
 from faithful_inpaint.patching.brush_branch import (BranchConditioning, BrushBranchHooks, branch_patcher,
                                                     inject_residuals, unet_state_dict_diffusers)
 from faithful_inpaint.patching.schedule import ScheduleWindow
-from headless.random_models import build_model
+from faithful_inpaint.devtools.random_models import build_model
 from helpers import forward
 
 ALWAYS = ScheduleWindow(1e9, 0.0)
@@ -193,7 +193,7 @@ def test_shared_injection_path_matches_the_sampling_hooks(models):
 
 def test_file_round_trip_through_the_loader(models, tmp_path):
     """Contract section 3: safetensors + kind/config metadata; BrushBranchLoader rebuilds the same branch."""
-    from faithful_inpaint.nodes.brush_branch import load_branch
+    from faithful_inpaint.patching.brush_branch import load_branch
 
     model = models["sd15"]
     branch = train_acp(branch_for(model, acp_blocks=(("input", 3, 0), ("output", 4, 0))))
@@ -230,13 +230,13 @@ def test_config_rejects_blocks_the_architecture_lacks():
 
 @pytest.fixture(scope="module")
 def vae():
-    from training.base import random_vae
+    from faithful_inpaint.devtools.random_models import build_vae
 
-    return random_vae("tiny")
+    return build_vae("tiny")
 
 
 def loaded(branch, kind="painternet", family="sd15"):
-    from faithful_inpaint.nodes.brush_branch import LoadedBranch
+    from faithful_inpaint.patching.brush_branch import LoadedBranch
 
     return LoadedBranch(branch_patcher(branch), brush_files.FileKind(kind, family, branch.config.to_json(), False),
                         f"{kind}.safetensors")

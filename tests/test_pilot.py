@@ -8,7 +8,7 @@ import comfy.samplers
 from faithful_inpaint.kernels import pilot as pm
 from faithful_inpaint.patching import pilot
 from faithful_inpaint.patching.errors import NodeInputError
-from headless.random_models import build_model
+from faithful_inpaint.devtools.random_models import build_model
 
 WORDS = [1, 2, 3]
 
@@ -229,7 +229,7 @@ def test_errors_name_the_node_and_input(sd15):
 
 def test_nodes(sd15):
     import nodes
-    from headless.random_models import build_clip
+    from faithful_inpaint.devtools.random_models import build_clip
 
     guidance = nodes.NODE_CLASS_MAPPINGS["PILOTGuidance"]
     sampler_node = nodes.NODE_CLASS_MAPPINGS["PILOTSampler"]

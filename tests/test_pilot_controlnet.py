@@ -13,7 +13,7 @@ from comfy.cldm.cldm import ControlNet
 from faithful_inpaint.kernels import pilot as pilot_math
 from faithful_inpaint.kernels import rasg as rasg_math
 from faithful_inpaint.patching import pilot, rasg
-from headless.random_models import randomise, build_model, unet_config
+from faithful_inpaint.devtools.random_models import randomise, build_model, unet_config
 
 WORDS = [1, 2, 3]
 LATENT = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))

@@ -10,7 +10,7 @@ from faithful_inpaint.patching.errors import NodeInputError
 from faithful_inpaint.patching.painta import PAIntAHooks
 from faithful_inpaint.patching.prompt import RegionPrompt
 from faithful_inpaint.patching.schedule import ScheduleWindow
-from headless.random_models import build_model
+from faithful_inpaint.devtools.random_models import build_model
 
 DIM = {"sd15": 768, "sd2": 1024, "sdxl": 2048}
 TOKENS = [1, 2, 3, 4]
@@ -178,7 +178,7 @@ def test_errors_name_the_node_and_input(sd15):
 
 def test_nodes(sd15):
     import nodes
-    from headless.random_models import build_clip
+    from faithful_inpaint.devtools.random_models import build_clip
 
     guidance, sampler_node = nodes.NODE_CLASS_MAPPINGS["RASGGuidance"], nodes.NODE_CLASS_MAPPINGS["RASGSampler"]
     clip = build_clip("sd15")

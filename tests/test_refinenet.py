@@ -15,8 +15,8 @@ from faithful_inpaint.nodes import refinenet as nrn
 from faithful_inpaint.patching import refinenet as prn
 from faithful_inpaint.patching.image_prompt import clip_vision_from_config
 from faithful_inpaint.patching.errors import NodeInputError
-from faithful_inpaint.training.base import random_vae
-from headless.random_models import randomise, build_model, model_config
+from faithful_inpaint.devtools.random_models import build_vae
+from faithful_inpaint.devtools.random_models import randomise, build_model, model_config
 from helpers import forward
 
 CLIP_WIDTH = 64
@@ -40,7 +40,7 @@ def clip_vision():
 @pytest.fixture(scope="module")
 def vae():
     with torch.inference_mode():
-        return random_vae("tiny")
+        return build_vae("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +328,7 @@ def test_stage2_gradient_reaches_refinenet_cross_attention_and_the_mlp_only():
 
 
 def test_smoke_kind_is_a_full_size_sd15_refinenet(sd15):
-    from headless import smoke_checkpoints as sc
+    from faithful_inpaint.devtools import smoke_checkpoints as sc
 
     lay = sc.layout("refinenet_sd15")
     assert sc.folder_for("refinenet_sd15") == nrn.FOLDER

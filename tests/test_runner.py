@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import headless
-from headless import run
-from headless.execute import RunError, RunInterrupted, run_prompt
-from headless.overrides import OverrideError, apply_overrides
-from headless.ui_to_api import WorkflowError, convert, widget_slots
+from faithful_inpaint import devtools
+from faithful_inpaint.headless import run
+from faithful_inpaint.headless.execute import RunError, RunInterrupted, run_prompt
+from faithful_inpaint.headless.overrides import OverrideError, apply_overrides
+from faithful_inpaint.headless.ui_to_api import WorkflowError, convert, widget_slots
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -244,8 +244,8 @@ def test_smoke_mode_generates_models_inputs_and_says_noise(tmp_path, capsys, mon
 
     fake = types.SimpleNamespace(KINDS=("sd15_inpaint",), ensure_smoke_models=ensure_smoke_models,
                                  folder_for=lambda kind: "checkpoints", default_models_dir=lambda: tmp_path / "models")
-    monkeypatch.setitem(sys.modules, "headless.smoke_checkpoints", fake)
-    monkeypatch.setattr(headless, "smoke_checkpoints", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "faithful_inpaint.devtools.smoke_checkpoints", fake)
+    monkeypatch.setattr(devtools, "smoke_checkpoints", fake, raising=False)
     wf = image_workflow({"smoke": {"ckpt": "sd15_inpaint", "image_size": [64, 48]}})
     wf["nodes"].append(node(9, "CheckpointLoaderSimple", ["none.safetensors"]))  # declared target, not executed
     code = run.main([write_workflow(tmp_path, wf), "--out", str(tmp_path / "out"), "--smoke"])
@@ -301,7 +301,7 @@ def test_cli_subprocess_exit_code(tmp_path):
     wf = {"nodes": [node(1, "EmptyImage", [16, 8, 2, 0], outputs=[out("IMAGE", "IMAGE", [1])]),
                     node(2, "SaveImage", ["s"], [inp("images", "IMAGE", 1)])],
           "links": [[1, 1, 0, 2, 0, "IMAGE"]]}
-    cmd = [sys.executable, "-m", "headless.run", write_workflow(tmp_path, wf, "empty.json"), "--out",
+    cmd = [sys.executable, "-m", "faithful_inpaint.headless.run", write_workflow(tmp_path, wf, "empty.json"), "--out",
            str(tmp_path / "out"), "--comfyui-base", str(tmp_path / "base")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

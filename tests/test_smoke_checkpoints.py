@@ -15,7 +15,7 @@ import gc
 import pytest
 import torch
 
-from headless import smoke_checkpoints as sc
+from faithful_inpaint.devtools import smoke_checkpoints as sc
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def _ip_image_tokens(sd: dict, out, ctx: int) -> torch.Tensor:
 
 def _unet_cross_attn_widths(family: str) -> list[int]:
     """Inner widths of ComfyUI's attn2 layers in IP-Adapter numbering order (input, output, middle blocks)."""
-    from headless import random_models
+    from faithful_inpaint.devtools import random_models
 
     cfg = random_models.unet_config(family, "full")
     mc = random_models.model_config(family, "full")
@@ -327,7 +327,7 @@ def test_brushnet_layout(smoke_dir, kind, family, counts, n_keys):
     """Diffusers-format BrushNet: the zero-conv key counts its loaders detect by, a 9-channel conv_in, and every
     copied UNet weight has the shape of the matching ComfyUI UNet weight."""
     import comfy.utils
-    from headless import random_models
+    from faithful_inpaint.devtools import random_models
 
     name = _ensure(smoke_dir, kind)
     sd = comfy.utils.load_torch_file(str(smoke_dir / "inpaint" / name), safe_load=True)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels import toy_world as tw
-from training import train_branch
-from training.base import FrozenBase, is_toy_checkpoint
-from training.data import MaskPolicy, ShardDataset
-from training.make_toy_data import write_dataset
+from faithful_inpaint.kernels import toy_world as tw
+from faithful_inpaint.training import train_branch
+from faithful_inpaint.training.base import FrozenBase, is_toy_checkpoint
+from faithful_inpaint.training.data import MaskPolicy, ShardDataset
+from faithful_inpaint.training.make_toy_data import write_dataset
 
 TOY_FILE = "toy_base.safetensors"
 
@@ -27,7 +27,7 @@ def toy_dir(tmp_path_factory):
     and so the branch's gradients, zero."""
     import folder_paths
     from faithful_inpaint.nodes.toy_world import FOLDER
-    from training.toy_world import TEXT_CONFIG, build_unet, save_checkpoint, unet_config
+    from faithful_inpaint.training.toy_world import TEXT_CONFIG, build_unet, save_checkpoint, unet_config
 
     folder = tmp_path_factory.mktemp("toy_world")
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_toy_checkpoint_loads_in_frozen_base(toy_dir, tmp_path):
-    from faithful_inpaint.nodes.toy_world import load_toy_world
+    from faithful_inpaint.patching.toy_world import load_toy_world
 
     path = str(toy_dir / TOY_FILE)
     assert is_toy_checkpoint(path)
@@ -177,7 +177,7 @@ def test_a_few_steps_train_and_export_a_branch_the_nodes_apply_to_the_toy_model(
 def test_a_zero_initialised_branch_leaves_the_toy_model_unchanged(toy_dir, branch_dir):
     from faithful_inpaint.nodes.brush_branch import BrushBranchLoader
     from faithful_inpaint.nodes.toy_world import ToyWorldLoader
-    from training.recipes import BRANCHES
+    from faithful_inpaint.training.recipes import BRANCHES
 
     base = FrozenBase(str(toy_dir / TOY_FILE), torch.device("cpu"))
     name = "toy_brushnet_zero.safetensors"

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from headless import run
-from kernels import toy_world as tw
+from faithful_inpaint.headless import run
+from faithful_inpaint.kernels import toy_world as tw
 
 TOY_FILES = {"toy_world_inpaint.safetensors": 9, "toy_world.safetensors": 4}   # file -> UNet input channels
 GAP = 8                                                                         # ImageStitch spacing in the demo
@@ -82,5 +82,5 @@ def test_missing_toy_files_end_in_one_error_line_with_the_training_command(monke
     out, err = capsys.readouterr()
     assert "toy_world_demo.json" in out.splitlines()[0]
     (line,) = [l for l in err.splitlines() if l.startswith("error:")]
-    assert "ToyWorldLoader" in line and "python -m training.toy_world --variant inpaint" in line
+    assert "ToyWorldLoader" in line and "python -m faithful_inpaint.training.toy_world --variant inpaint" in line
     assert "Traceback" not in err + caplog.text

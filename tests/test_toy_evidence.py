@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import toy_evidence as ev
-from headless.random_models import build_model
+from faithful_inpaint.benchmarks import toy_evidence as ev
+from faithful_inpaint.devtools.random_models import build_model
 from helpers import forward
-from kernels import toy_world as tw
+from faithful_inpaint.kernels import toy_world as tw
 
 
 def test_wilson_interval_matches_hand_values():

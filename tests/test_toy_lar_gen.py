@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from benchmarks import toy_evidence as ev
-from kernels import toy_world as tw
-from training import lar_gen
-from training.make_toy_data import write_quadruples
+from faithful_inpaint.benchmarks import toy_evidence as ev
+from faithful_inpaint.kernels import toy_world as tw
+from faithful_inpaint.training import lar_gen
+from faithful_inpaint.training.make_toy_data import write_quadruples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

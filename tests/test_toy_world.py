@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kernels import toy_world as tw
+from faithful_inpaint.kernels import toy_world as tw
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_latent_mapping_is_exact():
 
 
 def test_vae_computes_the_toy_mapping_exactly():
-    from faithful_inpaint.nodes.toy_world import load_vae
+    from faithful_inpaint.patching.toy_world import load_vae
 
     scene = tw.make_scene(3)
     with torch.inference_mode():
@@ -160,8 +160,8 @@ def test_vae_computes_the_toy_mapping_exactly():
 
 
 def test_short_training_run_lowers_the_loss(tmp_path):
-    from training.core import CoreConfig, train
-    from training.toy_world import ToyWorldTask, collate
+    from faithful_inpaint.training.core import CoreConfig, train
+    from faithful_inpaint.training.toy_world import ToyWorldTask, collate
 
     # the inpainting variant's code path on a 16 x 16 world with a smaller UNet (same block layout), for speed
     task = ToyWorldTask("inpaint", seed=0, size=16, unet_overrides={
@@ -192,7 +192,7 @@ def _checkpoint(name: str, variant: str) -> str:
     """The shipped file when it exists; otherwise a freshly initialised one in ComfyUI's models/toy_world/."""
     import folder_paths
     from faithful_inpaint.nodes.toy_world import FOLDER, PACK_TOY_DIR
-    from training.toy_world import fresh_checkpoint
+    from faithful_inpaint.training.toy_world import fresh_checkpoint
 
     if not (PACK_TOY_DIR / name).is_file():
         folder = Path(folder_paths.models_dir) / FOLDER
@@ -229,8 +229,8 @@ def _graph(checkpoint: str, inpaint_model: bool, seed: int = 4) -> dict:
 
 def test_loader_reproduces_the_trained_networks(tmp_path):
     """What the loader builds computes what training trained (same heads, same weights, same text states)."""
-    from faithful_inpaint.nodes.toy_world import load_toy_world
-    from training.toy_world import fresh_checkpoint, load_checkpoint
+    from faithful_inpaint.patching.toy_world import load_toy_world
+    from faithful_inpaint.training.toy_world import fresh_checkpoint, load_checkpoint
 
     path = fresh_checkpoint(tmp_path / "toy_world_inpaint.safetensors", "inpaint", seed=3)
     unet, text, _ = load_checkpoint(str(path))
@@ -250,7 +250,7 @@ def test_loader_reproduces_the_trained_networks(tmp_path):
 
 @pytest.mark.parametrize("variant", ["plain", "inpaint"])
 def test_loader_runs_with_standard_nodes_through_the_execution_engine(variant):
-    from headless.execute import run_prompt
+    from faithful_inpaint.headless.execute import run_prompt
 
     name = "toy_world.safetensors" if variant == "plain" else "toy_world_inpaint.safetensors"
     result = run_prompt(_graph(_checkpoint(name, variant), inpaint_model=variant == "inpaint"))
@@ -270,6 +270,6 @@ def test_loader_names_the_training_command_when_the_file_is_missing():
     from faithful_inpaint.nodes.toy_world import ToyWorldLoader
     from faithful_inpaint.patching.errors import NodeInputError
 
-    with pytest.raises(NodeInputError, match=r"ToyWorldLoader.*checkpoint.*python -m training.toy_world "
-                                             r"--variant inpaint"):
+    with pytest.raises(NodeInputError, match=r"ToyWorldLoader.*checkpoint.*python -m "
+                                             r"faithful_inpaint.training.toy_world --variant inpaint"):
         ToyWorldLoader.execute("missing_inpaint.safetensors")

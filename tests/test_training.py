@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import train_branch
-from training.core import checkpoints
-from training.data import collate
-from training.make_synthetic_data import write_dataset
+from faithful_inpaint.training import train_branch
+from faithful_inpaint.training.core import checkpoints
+from faithful_inpaint.training.data import collate
+from faithful_inpaint.training.make_synthetic_data import write_dataset
 from training_drivers import assert_loss_falls, run_killed
 
 
@@ -140,8 +140,9 @@ def test_exported_branch_loads_in_the_node_and_samples(data_dir, tmp_path):
     """The exported file is recognised by BrushBranchLoader's reader as the pack's own branch, loads strictly with
     the trained weights, and changes ComfyUI's sampling through BrushBranchApply."""
     import comfy.sample
-    from faithful_inpaint.nodes.brush_branch import BrushBranchApply, load_branch
-    from training.base import FrozenBase
+    from faithful_inpaint.nodes.brush_branch import BrushBranchApply
+    from faithful_inpaint.patching.brush_branch import load_branch
+    from faithful_inpaint.training.base import FrozenBase
 
     result = train_branch.main(argv(data_dir, tmp_path, "--max-steps", "3", "--checkpoint-every", "0",
                                     "--num-validation", "0"))
@@ -179,7 +180,7 @@ def test_exported_branch_loads_in_the_node_and_samples(data_dir, tmp_path):
     ("mtadiffusion", ("--ema-decay", "0.9", "--edge-reduction", "mean", "--resolution", "64")),
 ])
 def test_recipes_train_and_export_files_the_loader_reads(data_dir, tmp_path, recipe, extra):
-    from faithful_inpaint.nodes.brush_branch import load_branch
+    from faithful_inpaint.patching.brush_branch import load_branch
 
     result = train_branch.main(argv(data_dir, tmp_path, "--recipe", recipe, "--max-steps", "2",
                                     "--checkpoint-every", "0", "--num-validation", "1", *extra))
@@ -195,7 +196,7 @@ def test_recipes_train_and_export_files_the_loader_reads(data_dir, tmp_path, rec
 
 
 def test_learning_rate_schedules():
-    from training.core import lr_factor
+    from faithful_inpaint.training.core import lr_factor
 
     constant = lr_factor("constant", warmup=4, max_steps=20)
     assert [constant(s) for s in (0, 3, 4, 19)] == [0.25, 1.0, 1.0, 1.0]

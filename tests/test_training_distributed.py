@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from training.make_synthetic_data import write_dataset
+from faithful_inpaint.training.make_synthetic_data import write_dataset
 from training_drivers import run_two_processes
 
 

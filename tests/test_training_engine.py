@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from headless import smoke_checkpoints as sc
-from headless.execute import run_prompt
-from training import train_branch
-from training.make_synthetic_data import write_dataset
+from faithful_inpaint.devtools import smoke_checkpoints as sc
+from faithful_inpaint.headless.execute import run_prompt
+from faithful_inpaint.training import train_branch
+from faithful_inpaint.training.make_synthetic_data import write_dataset
 
 
 def test_script_export_runs_through_the_execution_engine(tmp_path):

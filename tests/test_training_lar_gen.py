@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import lar_gen
-from training.core import checkpoints
+from faithful_inpaint.training import lar_gen
+from faithful_inpaint.training.core import checkpoints
 from training_drivers import assert_loss_falls, run_killed, run_two_processes
 
 TINY_RESAMPLER = ("--resampler-dim", "64", "--resampler-depth", "1", "--resampler-queries", "4")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from faithful_inpaint.kernels import branch_losses as L
-from training import data as D
-from training import masks as M
-from training.make_synthetic_data import write_dataset
+from faithful_inpaint.training import data as D
+from faithful_inpaint.training import masks as M
+from faithful_inpaint.training.make_synthetic_data import write_dataset
 
 
 # ---- losses --------------------------------------------------------------------------------------------------

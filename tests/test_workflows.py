@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from headless import run
+from faithful_inpaint.headless import run
 
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
 

@@ -22,7 +22,7 @@ def assert_loss_falls(losses: list[float], factor: float, last: int = 5) -> None
 _KILL = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from training import {module}
+    from faithful_inpaint.training import {module}
 
     def kill(step, losses, modules):
         if step == {kill_at}:
@@ -35,7 +35,7 @@ _DUMP = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {root!r})
     from accelerate import PartialState
-    from training import {module}
+    from faithful_inpaint.training import {module}
 
     def dump(step, losses, modules):
         if step == {steps}:
@@ -47,8 +47,8 @@ _DUMP = textwrap.dedent("""
 
 
 def run_killed(module: str, kill_at: int, argv: list, env: dict) -> None:
-    """Run ``training.<module>.main(argv)`` in a subprocess that SIGKILLs itself after step ``kill_at`` (no clean-up
-    of any kind: a real kill)."""
+    """Run ``faithful_inpaint.training.<module>.main(argv)`` in a subprocess that SIGKILLs itself after step
+    ``kill_at`` (no clean-up of any kind: a real kill)."""
     code = _KILL.format(root=str(ROOT), module=module, kill_at=kill_at, argv=argv)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=env)
@@ -56,9 +56,9 @@ def run_killed(module: str, kill_at: int, argv: list, env: dict) -> None:
 
 
 def run_two_processes(module: str, steps: int, out: Path, script_args: list, env: dict) -> list[dict]:
-    """``accelerate launch`` two CPU processes of ``training.<module>.main(script_args + ["--cpu"])`` and return each
-    rank's trained weights after step ``steps``. accelerate's --cpu launcher starts one process (several need MPI);
-    its torchrun launcher (--multi_gpu) starts two, and the script's --cpu makes them a CPU process group (gloo)."""
+    """``accelerate launch`` two CPU processes of ``faithful_inpaint.training.<module>.main(script_args + ["--cpu"])``
+    and return each rank's trained weights after step ``steps``. accelerate's --cpu launcher starts one process
+    (several need MPI); its torchrun launcher (--multi_gpu) starts two, and the script's --cpu makes them a CPU process group (gloo)."""
     import torch
 
     driver = out / "driver.py"

@@ -1,4 +1,4 @@
-"""The frozen base model a branch trains against, loaded through ComfyUI as a library (headless/host.py).
+"""The frozen base model a branch trains against, loaded through ComfyUI as a library (devtools/host.py).
 
 Training and sampling share one code path: the UNet is ComfyUI's own ``UNetModel`` from the user's checkpoint,
 and the branch's residuals reach it through ``patching.brush_branch.inject_residuals``, the function the
@@ -8,10 +8,10 @@ encoder), images through its VAE and latent format.
 ``spec`` names the base:
   * a checkpoint file (``.safetensors`` / ``.ckpt``: SD1.x, SD2.x or SDXL, inpainting or not);
   * a toy-world checkpoint (``toy_world.safetensors``, docs/toy-world.md), recognised by its metadata key
-    ``kernels.toy_world.META_KEY`` and loaded like ToyWorldLoader loads it (``nodes.toy_world.load_toy_world``):
+    ``kernels.toy_world.META_KEY`` and loaded like ToyWorldLoader loads it (``patching.toy_world.load_toy_world``):
     ComfyUI's SD1.5 model class at toy size, its SD1 CLIP with the small text encoder, the exact pixel VAE;
   * ``random:<family>[:<size>]`` (family sd15 | sd2 | sdxl, size tiny | full): ComfyUI's architectures with random
-    weights (headless/random_models.py), with a small random VAE for ``tiny``; for tests, benchmarks and dry runs.
+    weights (devtools/random_models.py), with a small random VAE for ``tiny``; for tests, benchmarks and dry runs.
 """
 from __future__ import annotations
 
@@ -22,59 +22,24 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import pack
+from faithful_inpaint.kernels import branch_losses as L
+from faithful_inpaint.kernels import toy_world as ktw
+from faithful_inpaint.patching import brush_branch as pbb
+from faithful_inpaint.patching import prompt
+from faithful_inpaint.patching.gradients import autograd_weights
 
 
 def _start_host() -> None:
-    """Start the ComfyUI host (headless/host.py) once per process, before any ``comfy`` import."""
-    from headless import host
+    """Start the ComfyUI host (devtools/host.py) once per process, before any ``comfy`` import."""
+    from faithful_inpaint.devtools import host
 
     host.start()
-
-
-def _as_autograd_weights(module: nn.Module) -> None:
-    """Frozen weights that autograd can use: inference tensors (what random_models builds, like a loader node
-    under ``torch.inference_mode()``) are replaced by ordinary copies; every parameter stops requiring grad."""
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is None:
-                continue
-            if p.is_inference():
-                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
-            else:
-                p.requires_grad_(False)
-        for name, b in list(m._buffers.items()):
-            if b is not None and b.is_inference():
-                m._buffers[name] = b.detach().clone()
-
-
-def random_vae(size: str = "tiny", seed: int = 0):
-    """A ComfyUI VAE with SD's AutoencoderKL layout (8x downscale, 4 latent channels) and random weights:
-    ``full`` has SD's real widths (benchmarks), ``tiny`` 32 base channels and one resnet per level (tests)."""
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    if size == "tiny":
-        ddconfig.update(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1)
-    config = {"params": {"ddconfig": ddconfig, "embed_dim": 4}}
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in AutoencoderKL(ddconfig=ddconfig, embed_dim=4).state_dict().items():
-        if k.endswith("weight") and v.dim() > 1:
-            sd[k] = torch.randn(v.shape, generator=gen) / max(v[0].numel(), 1) ** 0.5
-        elif "norm" in k and k.endswith("weight"):
-            sd[k] = torch.ones(v.shape)
-        else:
-            sd[k] = torch.zeros(v.shape)
-    return comfy.sd.VAE(sd=sd, config=config)
 
 
 def is_toy_checkpoint(path: str) -> bool:
     """A safetensors file carrying the toy world's metadata (written by training/toy_world.py); a toy file of another
     kind counts too, so that loading it names what it is."""
-    return pack.module("kernels.toy_world").file_kind(path) is not None
+    return ktw.file_kind(path) is not None
 
 
 @dataclass
@@ -96,17 +61,19 @@ class FrozenBase:
         self.spec = spec
         self._toy_world = None                  # kernels.toy_world for a toy base: its VAE's mapping, computed directly
         if spec.startswith("random:"):
-            from headless import random_models
+            from faithful_inpaint.devtools import random_models
 
             parts = spec.split(":")
             family = parts[1]
             size = parts[2] if len(parts) > 2 else "tiny"
             self.patcher = random_models.build_model(family, size, inpaint=inpaint, seed=seed)
             self.clip = random_models.build_clip(family, seed=seed)
-            self.vae = random_vae(size, seed)
+            self.vae = random_models.build_vae(size, seed)
         elif is_toy_checkpoint(spec):
-            self.patcher, self.clip, self.vae, _ = pack.module("nodes.toy_world").load_toy_world(spec)
-            self._toy_world = pack.module("kernels.toy_world")
+            from faithful_inpaint.patching.toy_world import load_toy_world
+
+            self.patcher, self.clip, self.vae, _ = load_toy_world(spec)
+            self._toy_world = ktw
         else:
             import comfy.sd
 
@@ -121,7 +88,8 @@ class FrozenBase:
             raise ValueError(f"{spec}: a branch trains beside a plain 4-channel UNet (BrushNet's setting); this "
                              f"UNet takes {self.unet_config['in_channels']} input channels (an inpainting model)")
         self.unet = base.diffusion_model
-        _as_autograd_weights(self.unet)
+        autograd_weights(self.unet)          # frozen weights autograd can use (random_models' are inference tensors)
+        self.unet.requires_grad_(False)
         self.unet.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = device, dtype
         self.latent_format = base.latent_format
@@ -136,12 +104,11 @@ class FrozenBase:
 
     # ---- weights for a new branch -----------------------------------------------------------------------------
     def unet_state_dict_diffusers(self) -> dict:
-        return pack.module("patching.brush_branch").unet_state_dict_diffusers(self.patcher)
+        return pbb.unet_state_dict_diffusers(self.patcher)
 
     # ---- text ---------------------------------------------------------------------------------------------------
     def encode_text(self, captions: list[str]) -> TextBatch:
         """Encode with the checkpoint's CLIP; each distinct caption once per process (an LRU of 4,096)."""
-        prompt = pack.module("patching.prompt")
         contexts, tokens, pooled = [], [], []
         for text in captions:
             hit = self._text_cache.pop(text, None)
@@ -213,12 +180,11 @@ class FrozenBase:
         """(noise, timesteps, x_t): fresh Gaussian noise, uniform timesteps, and ``x0`` noised to them."""
         noise = torch.randn_like(x0)
         t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), device=x0.device)
-        return noise, t, pack.module("kernels.branch_losses").add_noise(x0, noise, t, self.alphas_cumprod)
+        return noise, t, L.add_noise(x0, noise, t, self.alphas_cumprod)
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet learns to output at ``t``: the noise (eps models) or v (v-prediction models)."""
-        return pack.module("kernels.branch_losses").training_target(x0, noise, t, self.alphas_cumprod,
-                                                                    self.prediction)
+        return L.training_target(x0, noise, t, self.alphas_cumprod, self.prediction)
 
     # ---- the UNet with a branch --------------------------------------------------------------------------------
     def unet_forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
@@ -230,7 +196,7 @@ class FrozenBase:
         options = {}
         if branch_output is None:
             return self.unet(x, timesteps.float(), transformer_options=options, **kwargs)
-        inject = pack.module("patching.brush_branch").inject_residuals
+        inject = pbb.inject_residuals
         with inject(self.unet, branch_output, strength, options) as patched:
             return self.unet(x, timesteps.float(), transformer_options=patched, **kwargs)
 

@@ -1,4 +1,4 @@
-"""The training core every recipe of the pack shares (branches now; image-prompt adapters and the toy world later).
+"""The training core every training script of the pack shares (branches, LAR-Gen's two stages, the toy world).
 
 What it does, once, for every task:
   * ``accelerate``: one or many GPUs / nodes (DDP), DeepSpeed or FSDP from ``accelerate config``, mixed precision
@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .data import ResumableSampler
+from faithful_inpaint.training.data import ResumableSampler
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import masks as M
+from faithful_inpaint.training import masks as M
 
 IMAGE_EXTENSIONS = ("image.png", "image.jpg", "image.jpeg", "image.webp")
 

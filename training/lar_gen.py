@@ -2,10 +2,10 @@
 nodes load.
 
     # stage 1: the image-prompt adapter (projection + W'_k, W'_v of every cross-attention layer), beta 1
-    accelerate launch -m training.lar_gen --stage 1 --base sd-v1-5-inpainting.safetensors \\
+    accelerate launch -m faithful_inpaint.training.lar_gen --stage 1 --base sd-v1-5-inpainting.safetensors \\
         --clip-vision CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors --data quads/ --output-dir runs/lar1
     # stage 2: RefineNet's cross-attention + the detail-encoder MLP, main UNet and adapter frozen, beta 0.3
-    accelerate launch -m training.lar_gen --stage 2 --adapter runs/lar1/lar_gen-adapter.safetensors \\
+    accelerate launch -m faithful_inpaint.training.lar_gen --stage 2 --adapter runs/lar1/lar_gen-adapter.safetensors \\
         --base sd-v1-5-inpainting.safetensors --clip-vision CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors \\
         --data quads/ --output-dir runs/lar2
 
@@ -42,7 +42,7 @@ Data: sharded tar files, training/data.py's format with one more member per samp
     000123.local.txt     the local text prompt, what the masked region shows ("a red ceramic vase")
     000123.global.txt    the whole image's caption (kept for the shared reader; may equal the local text)
 
-``python -m training.lar_gen --make-synthetic DIR --count 64 --size 64`` writes a tiny synthetic set: the coloured
+``python -m faithful_inpaint.training.lar_gen --make-synthetic DIR --count 64 --size 64`` writes a tiny synthetic set: the coloured
 shapes of training/make_synthetic_data.py, the subject being the object cut out of the scene onto white.
 Per sample (drawn from (seed, epoch, index), so a resumed run sees the same): the scene is resized (shorter side
 to ``--resolution``) and square-cropped around the mask (the zoom-in of sec. 6.2), the mask turned into a user-like
@@ -64,11 +64,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from . import masks as M
-from . import pack
-from .base import FrozenBase, checkpoint_blocks
-from .core import CoreConfig, Task, add_core_options, core_config_from_args, train
-from .data import IMAGE_EXTENSIONS, ShardDataset, ShardWriter
+from faithful_inpaint.kernels import branch_losses as L
+from faithful_inpaint.kernels import image_prompt as kip
+from faithful_inpaint.kernels import refinenet as krn
+from faithful_inpaint.kernels import toy_world as ktw
+from faithful_inpaint.kernels.painta import sdpa
+from faithful_inpaint.patching import blocks
+from faithful_inpaint.patching import image_prompt as ip
+from faithful_inpaint.patching import refinenet as prn
+from faithful_inpaint.training import masks as M
+from faithful_inpaint.training.base import FrozenBase, checkpoint_blocks
+from faithful_inpaint.training.core import CoreConfig, Task, add_core_options, core_config_from_args, train
+from faithful_inpaint.training.data import IMAGE_EXTENSIONS, ShardDataset, ShardWriter
 
 META_RECIPE = "faithful_inpaint.recipe"
 STAGE_BETA = {1: 1.0, 2: 0.3}                 # sec. 4.4 / 6.2
@@ -176,7 +183,7 @@ def write_quadruple_samples(out, samples, per_shard: int) -> Path:
 
 def synthetic_quadruple(rng: np.random.Generator, size: int):
     """One of make_synthetic_data's scenes as a quadruple, the subject = the object cut out onto white."""
-    from .make_synthetic_data import make_sample
+    from faithful_inpaint.training.make_synthetic_data import make_sample
 
     image, mask, local, caption = make_sample(rng, size)
     m = np.asarray(mask) > 127
@@ -228,17 +235,19 @@ def load_clip_vision(spec: str, seed: int = 0):
     import comfy.clip_vision
 
     if not spec.startswith("random:"):
-        if pack.module("kernels.toy_world").file_kind(spec) == "clip_vision":
-            return pack.module("nodes.toy_world").load_clip_vision(spec)
+        if ktw.file_kind(spec) == "clip_vision":
+            from faithful_inpaint.patching.toy_world import load_clip_vision as load_toy_clip_vision
+
+            return load_toy_clip_vision(spec)
         return comfy.clip_vision.load(spec)
-    from headless.random_models import randomise
+    from faithful_inpaint.devtools.random_models import randomise
 
     size = spec.split(":")[1]
     if size == "h":
         path = Path(comfy.clip_vision.__file__).resolve().parent / "clip_vision_config_h.json"
         model = comfy.clip_vision.ClipVisionModel(str(path))
     else:
-        model = pack.module("patching.image_prompt").clip_vision_from_config(TINY_CLIP_VISION)
+        model = ip.clip_vision_from_config(TINY_CLIP_VISION)
     with torch.no_grad():
         randomise(model.model, seed)
     for p in model.model.parameters():
@@ -248,12 +257,11 @@ def load_clip_vision(spec: str, seed: int = 0):
 
 # ------------------------------------------------------------------------------------------------ adapter
 
-def new_adapter(unet, clip_vision, variant: str, resampler: dict, node_ip) -> nn.Module:
+def new_adapter(unet, clip_vision, variant: str, resampler: dict) -> nn.Module:
     """A fresh image-prompt adapter for ``unet``: a trainable projection (standard initialisation; the Resampler's
     queries random) and W'_k, W'_v copied from each cross-attention layer's W_k, W_v."""
-    kip = pack.module("kernels.image_prompt")
-    embed_dim, hidden_dim = node_ip.clip_vision_widths(clip_vision, "lar_gen")
-    layers = node_ip.cross_attention_layers(unet)
+    embed_dim, hidden_dim = ip.clip_vision_widths(clip_vision, "lar_gen")
+    layers = ip.cross_attention_layers(unet)
     context_dim = int(layers[0].module.attn2.to_k.in_features)
     widths = tuple(int(b.module.attn2.to_k.out_features) for b in layers)
     if variant == kip.PLUS:
@@ -278,7 +286,6 @@ def load_adapter_file(path: str) -> nn.Module:
     """An adapter file (public layout) as a trainable fp32 module."""
     import comfy.utils
 
-    kip = pack.module("kernels.image_prompt")
     adapter = kip.ImagePromptAdapter.from_state_dict(comfy.utils.load_torch_file(path, safe_load=True))
     for module in adapter.modules():
         for name, p in list(module._parameters.items()):
@@ -300,8 +307,6 @@ def attention_options(layers, image_kv, beta: float) -> dict:
     """Transformer options whose attn1 / attn2 are PyTorch attention (it has a backward) and whose cross-attention
     adds the image prompt per row: Z + beta * Attention(Q, K'_row, V'_row) (eq. 7). ``image_kv`` maps a layer key
     to (K' [B, T, w], V' [B, T, w]); ``layers`` are the keys of every transformer block."""
-    kip = pack.module("kernels.image_prompt")
-    sdpa = pack.module("kernels.painta").sdpa
 
     def self_attention(q, k, v, extra_options):
         return sdpa(q, k, v, extra_options["n_heads"])
@@ -332,21 +337,17 @@ class LarGenTask(Task):
 
     def setup(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
         a = self.args
-        node_ip = pack.module("patching.image_prompt")
-        prn = pack.module("patching.refinenet")
-        krn = pack.module("kernels.refinenet")
         self.base = InpaintingBase(a.base, device, frozen_dtype, seed=a.seed)
         self.clip_vision = load_clip_vision(a.clip_vision, a.seed)
         unet = self.base.unet
-        self.blocks = [b.key for b in pack.module("patching.blocks").transformer_blocks(unet)]
-        self.cross_layers = [b.key for b in node_ip.cross_attention_layers(unet)]
+        self.blocks = [b.key for b in blocks.transformer_blocks(unet)]
+        self.cross_layers = [b.key for b in ip.cross_attention_layers(unet)]
         torch.manual_seed(a.seed)              # new modules' initialisation is the same on every process
         if self.stage == 1:
             adapter = (load_adapter_file(a.adapter) if a.adapter else
-                       new_adapter(unet, self.clip_vision, a.projection,
-                                   {"dim": a.resampler_dim, "depth": a.resampler_depth, "queries": a.resampler_queries},
-                                   node_ip))
-            node_ip.check_clip_vision(adapter.spec, self.clip_vision, "lar_gen --clip-vision")
+                       new_adapter(unet, self.clip_vision, a.projection, {"dim": a.resampler_dim,
+                                   "depth": a.resampler_depth, "queries": a.resampler_queries}))
+            ip.check_clip_vision(adapter.spec, self.clip_vision, "lar_gen --clip-vision")
             if a.freeze_projection:
                 adapter.projection.requires_grad_(False)
             self.modules = nn.ModuleDict({"adapter": adapter}).to(device)
@@ -354,8 +355,8 @@ class LarGenTask(Task):
             if not a.adapter:
                 raise ValueError("stage 2 needs --adapter: the stage-1 adapter file (frozen with the main UNet)")
             self.adapter = load_adapter_file(a.adapter).requires_grad_(False).to(device)
-            node_ip.check_clip_vision(self.adapter.spec, self.clip_vision, "lar_gen --clip-vision")
-            hidden = node_ip.clip_vision_widths(self.clip_vision, "lar_gen")[1]
+            ip.check_clip_vision(self.adapter.spec, self.clip_vision, "lar_gen --clip-vision")
+            hidden = ip.clip_vision_widths(self.clip_vision, "lar_gen")[1]
             self.refine_config = krn.RefineNetConfig(
                 clip_dim=hidden, hidden_dim=a.refinenet_hidden_dim or hidden,
                 context_dim=int(self.base.unet_config["context_dim"]),
@@ -374,7 +375,7 @@ class LarGenTask(Task):
         spec = (self.modules["adapter"] if self.stage == 1 else self.adapter).spec
         if spec.variant == "linear":
             return torch.zeros(1, spec.feature_dim)
-        return pack.module("patching.image_prompt").zero_pixel_hidden_states(self.clip_vision).float()
+        return ip.zero_pixel_hidden_states(self.clip_vision).float()
 
     def dataset(self):
         a = self.args
@@ -414,7 +415,6 @@ class LarGenTask(Task):
         return prepared
 
     def loss(self, modules: nn.ModuleDict, batch: dict) -> dict:
-        L = pack.module("kernels.branch_losses")
         base = self.base
         x0 = batch["latents"]
         noise, t, x_t = base.noise_latents(x0)
@@ -434,8 +434,6 @@ class LarGenTask(Task):
     def _refinenet_options(self, modules: nn.ModuleDict, batch: dict, t: torch.Tensor, options: dict) -> dict:
         """RefineNet's pass on the subject (noised at the scene's t with its own noise) and the main UNet's options
         that append its decoder features (eq. 9-10); rows whose image prompt is dropped get strength 0."""
-        L = pack.module("kernels.branch_losses")
-        prn = pack.module("patching.refinenet")
         z = batch["subject_latents"]
         z_t = L.add_noise(z, torch.randn_like(z), t, self.base.alphas_cumprod)   # the same t, independent noise
         extra = self.base.inpaint_channels(z_t, batch["subject_raw"], batch.get("subject_mask"))
@@ -460,7 +458,6 @@ class LarGenTask(Task):
             sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter_state_dict(modules["adapter"]).items()}
             save_file(sd, str(path), metadata=recipe)
             return Path(path)
-        krn = pack.module("kernels.refinenet")
         unet = {k: v.detach().to("cpu", dtype) for k, v in modules["refinenet"].state_dict().items()
                 if krn.is_trained_in_stage2(k)}
         encoder = {k: v.detach().to("cpu", dtype) for k, v in modules["detail_encoder"].state_dict().items()}

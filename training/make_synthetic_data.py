@@ -4,7 +4,7 @@ Each image is a dull, noisy background with 1-3 coloured shapes (circle, square,
 yellow); one shape is the sample's object: its mask, its local caption ("a red circle") and a global caption
 listing every shape ("a red circle and a blue square on a grey background"). Deterministic in ``--seed``.
 
-    python -m training.make_synthetic_data --out data/shapes --count 256 --size 64
+    python -m faithful_inpaint.training.make_synthetic_data --out data/shapes --count 256 --size 64
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import ShardWriter
+from faithful_inpaint.training.data import ShardWriter
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")

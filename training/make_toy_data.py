@@ -6,8 +6,8 @@ its objects as the sample's object: its mask (the cells it covers), its local ca
 scene's global caption ("a red circle, a blue square and a green triangle"), the captions the toy model was trained
 on. Objects never overlap, so the object mask is the whole object. Deterministic in ``--seed``.
 
-    python -m training.make_toy_data --out data/toy_shapes --count 4096 --seed 0
-    python -m training.make_toy_data --out data/toy_quads --count 4096 --seed 0 --subjects
+    python -m faithful_inpaint.training.make_toy_data --out data/toy_shapes --count 4096 --seed 0
+    python -m faithful_inpaint.training.make_toy_data --out data/toy_quads --count 4096 --seed 0 --subjects
 
 ``--subjects`` writes LAR-Gen's quadruples (training/lar_gen.py's format) instead: each sample also holds its
 object cut out onto white (kernels/toy_world.cut_out), the image prompt of the subject-driven inpainting it trains.
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import pack
-from .make_synthetic_data import write_samples
+from faithful_inpaint.kernels import toy_world as tw
+from faithful_inpaint.training.make_synthetic_data import write_samples
 
 
 def to_pil(pixels: np.ndarray) -> Image.Image:
@@ -31,7 +31,6 @@ def to_pil(pixels: np.ndarray) -> Image.Image:
 def make_sample(rng: np.random.Generator, subject: bool = False):
     """(image, object mask, local caption, global caption) of one scene drawn from ``rng``; with ``subject`` also
     the object cut out onto white (after the mask)."""
-    tw = pack.module("kernels.toy_world")
     scene = tw.make_scene(int(rng.integers(2**31)))
     obj = scene.objects[int(rng.integers(len(scene.objects)))]
     image, mask = to_pil(scene.image()), to_pil(tw.render(obj.mask.astype(np.float32)))
@@ -46,7 +45,7 @@ def write_dataset(out: str | Path, count: int, per_shard: int = 1000, seed: int 
 
 
 def write_quadruples(out: str | Path, count: int, per_shard: int = 1000, seed: int = 0) -> Path:
-    from . import lar_gen
+    from faithful_inpaint.training import lar_gen
 
     rng = np.random.default_rng(seed)
     return lar_gen.write_quadruple_samples(out, (make_sample(rng, subject=True) for _ in range(count)), per_shard)

@@ -1,7 +1,7 @@
 """Branch recipes: which branch architecture is trained with which weighted losses.
 
-Adding a recipe is one entry in :data:`RECIPES`; adding an architecture is one entry in :data:`BRANCHES` (and a
-``brush_files.register_branch_kind`` so ``BrushBranchLoader`` can rebuild it); adding a loss is one entry in
+Adding a recipe is one entry in :data:`RECIPES`; adding an architecture is one entry in :data:`BRANCHES` (and one in
+``patching.brush_branch.BRANCH_FACTORIES`` so ``BrushBranchLoader`` can rebuild it); adding a loss is one entry in
 :data:`LOSS_TERMS`. Every loss term reads a :class:`LossContext` (one training step's tensors) and may ask for
 extra trainable modules (the style loss's VGG) with their own learning rate.
 
@@ -27,7 +27,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import pack
+from faithful_inpaint.kernels.attention_maps import attention_maps
+from faithful_inpaint.kernels import branch_losses as L
+from faithful_inpaint.kernels import brush_branch as bb
+from faithful_inpaint.kernels import mtadiffusion, painternet
 
 
 @dataclass
@@ -60,12 +63,8 @@ class LossTerm:
     needs_attention: bool = False                      # record the branch's cross-attention probabilities
 
 
-def _losses():
-    return pack.module("kernels.branch_losses")
-
-
 def _noise(ctx: LossContext, modules) -> torch.Tensor:
-    return _losses().noise_mse(ctx.model_output, ctx.target)
+    return L.noise_mse(ctx.model_output, ctx.target)
 
 
 def _atal(ctx: LossContext, modules) -> torch.Tensor:
@@ -73,26 +72,24 @@ def _atal(ctx: LossContext, modules) -> torch.Tensor:
     if not attention:
         raise ValueError("the ATAL loss needs a branch with cross-attention (powerpaint, painternet); this branch "
                          "has none")
-    return _losses().atal_loss(attention, ctx.mask, ctx.actual_tokens, ctx.options.get("atal_mode", "outside_mass"))
+    return L.atal_loss(attention, ctx.mask, ctx.actual_tokens, ctx.options.get("atal_mode", "outside_mass"))
 
 
 def _edge(ctx: LossContext, modules) -> torch.Tensor:
     predicted = ctx.branch_output.extras.get("edge")
     if predicted is None:
         raise ValueError("the edge loss needs a branch with an edge output (extras['edge']: mtadiffusion)")
-    target = _losses().sobel_edges(ctx.images, tuple(predicted.shape[-2:])).to(predicted.device)
-    return _losses().edge_loss(predicted, target, ctx.options.get("edge_reduction", "sum"))
+    target = L.sobel_edges(ctx.images, tuple(predicted.shape[-2:])).to(predicted.device)
+    return L.edge_loss(predicted, target, ctx.options.get("edge_reduction", "sum"))
 
 
 def _style(ctx: LossContext, modules) -> torch.Tensor:
-    L = _losses()
     predicted, target = L.previous_latents(ctx.model_output, ctx.noisy, ctx.latents, ctx.noise, ctx.timesteps,
                                            ctx.base.alphas_cumprod, ctx.base.prediction)
     return L.latent_style_loss(modules["style_vgg"], predicted, target)
 
 
 def _style_vgg(options: dict) -> nn.Module:
-    L = _losses()
     vgg = L.LatentVGG(L.VGGConfig(arch=options.get("vgg_arch", "vgg16")))
     if options.get("vgg_weights"):
         vgg.load_torchvision(options["vgg_weights"])
@@ -124,28 +121,23 @@ class BranchKind:
 
 def _brush_branch(cross_attention: bool):
     def build(base, options):
-        bb = pack.module("kernels.brush_branch")
         config = bb.BranchConfig.from_unet_config(base.unet_config, cross_attention=cross_attention)
         return bb.BrushBranch.from_unet(base.unet_state_dict_diffusers(), config)
     return build
 
 
-def _from_module(module_name: str, builder: str):
-    """A branch family defined in another pack module (built from the base UNet like BrushNet)."""
+def _from_kernel(new_branch: Callable):
+    """A branch family defined in its own kernels/ module (built from the base UNet like BrushNet)."""
     def build(base, options):
-        try:
-            mod = pack.module(module_name)
-        except ImportError as err:
-            raise ValueError(f"this branch needs {module_name}, which is not available: {err}") from err
-        return getattr(mod, builder)(base.unet_state_dict_diffusers(), base.unet_config)
+        return new_branch(base.unet_state_dict_diffusers(), base.unet_config)
     return build
 
 
 BRANCHES: dict[str, BranchKind] = {
     "brushnet": BranchKind(_brush_branch(False)),
     "powerpaint": BranchKind(_brush_branch(True)),
-    "painternet": BranchKind(_from_module("kernels.painternet", "new_branch"), unet_prompt="global"),
-    "mtadiffusion": BranchKind(_from_module("kernels.mtadiffusion", "new_branch")),
+    "painternet": BranchKind(_from_kernel(painternet.new_branch), unet_prompt="global"),
+    "mtadiffusion": BranchKind(_from_kernel(mtadiffusion.new_branch)),
 }
 
 
@@ -186,7 +178,6 @@ def record_cross_attention(branch: nn.Module, into: list):
     softmax cross-attention probabilities [B, heads, N, T] (call order), recomputed from the layer's own to_q /
     to_k (the layer itself keeps its fused attention), so they carry gradients to the branch. Computing them after
     the forward, not in the hook, keeps gradient-checkpointed blocks recomputable (the hook is gone by then)."""
-    maps = pack.module("kernels.attention_maps")
     seen, handles = [], []
 
     def hook(module, args, kwargs, output):
@@ -202,7 +193,7 @@ def record_cross_attention(branch: nn.Module, into: list):
     finally:
         for h in handles:
             h.remove()
-    into.extend(maps.attention_maps(m.to_q(x), m.to_k(c), m.heads) for m, x, c in seen)
+    into.extend(attention_maps(m.to_q(x), m.to_k(c), m.heads) for m, x, c in seen)
 
 
 def parse_losses(text: Optional[str], defaults: dict) -> dict:

@@ -22,8 +22,8 @@ Output: ``<output-dir>/<name>.safetensors`` (UNet under ``model.diffusion_model.
 ``text_encoder.``, fp16, configs and the training command in the metadata), which ToyWorldLoader reads from the
 repository's ``toy/`` folder. The command that produced the shipped files is in README (toy world section).
 
-    python -m training.toy_world --variant plain --output-dir runs/toy_world            # ~21 min on 2 idle cores
-    python -m training.toy_world --evaluate runs/toy_world/toy_world.safetensors       # prompt following
+    python -m faithful_inpaint.training.toy_world --variant plain --output-dir runs/toy_world   # ~21 min, 2 idle cores
+    python -m faithful_inpaint.training.toy_world --evaluate runs/toy_world/toy_world.safetensors   # prompt following
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kernels import toy_world as tw
+from faithful_inpaint.kernels import toy_world as tw
 
-from . import pack
-from .core import CoreConfig, Task, train
+from faithful_inpaint.patching import image_prompt as ip
+from faithful_inpaint.training.core import CoreConfig, Task, train
 
 # ComfyUI SD15 UNet config of the toy model: 32 x 32 latent, levels 32 / 16 / 8, no attention at 32 x 32 and two
 # transformer blocks (4 heads of 16) at 16 x 16, 8 x 8 and in the middle block, so attention carries real weight.
@@ -61,7 +61,7 @@ def unet_config(variant: str, **overrides) -> dict:
 
 def build_unet(config: dict) -> nn.Module:
     """ComfyUI's UNetModel with ``config`` and a standard initialisation (ComfyUI's layers skip initialisation)."""
-    from headless import host
+    from faithful_inpaint.devtools import host
 
     host.start()
     import comfy.supported_models
@@ -198,20 +198,21 @@ def fresh_checkpoint(path: Path, variant: str = "plain", seed: int = 0) -> Path:
 
 
 def write_clip_vision(path: Path, seed: int = 0, command: str = "") -> Path:
-    """The toy CLIP vision file ToyWorldClipVisionLoader reads: nodes/toy_world.CLIP_VISION_CONFIG with fixed random
+    """The toy CLIP vision file ToyWorldClipVisionLoader reads: patching/toy_world.CLIP_VISION_CONFIG with fixed random
     weights from ``seed`` (a frozen feature extractor, as CLIP is to an image-prompt adapter; nothing is trained)."""
     from safetensors.torch import save_file
 
-    from headless import host
-    from headless.random_models import randomise
+    from faithful_inpaint.devtools import host
+    from faithful_inpaint.devtools.random_models import randomise
 
     host.start()
-    node = pack.module("nodes.toy_world")
-    model = pack.module("patching.image_prompt").clip_vision_from_config(node.CLIP_VISION_CONFIG)
+    from faithful_inpaint.patching.toy_world import CLIP_VISION_CONFIG
+
+    model = ip.clip_vision_from_config(CLIP_VISION_CONFIG)
     with torch.no_grad():
         randomise(model.model, seed)
     tensors = {k: v.detach().float().contiguous() for k, v in model.get_sd().items()}
-    meta = {tw.META_KEY: json.dumps({"kind": "clip_vision", "clip_vision_config": node.CLIP_VISION_CONFIG,
+    meta = {tw.META_KEY: json.dumps({"kind": "clip_vision", "clip_vision_config": CLIP_VISION_CONFIG,
                                      "training": {"seed": seed, "command": command}})}
     save_file(tensors, str(path), metadata=meta)
     return Path(path)
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
         unet, text, variant = load_checkpoint(args.evaluate)
         print(json.dumps(evaluate(unet, text, variant, n=args.samples, seed=args.seed), indent=1))
         return 0
-    command = "python -m training.toy_world " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m faithful_inpaint.training.toy_world " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.make_clip_vision:
         print(f"wrote {write_clip_vision(Path(args.make_clip_vision), args.seed, command)}")
         return 0

@@ -1,7 +1,7 @@
 """Train an inpainting branch (BrushNet, PowerPaint, PainterNet, MTADiffusion or a combination) beside a frozen
 Stable Diffusion UNet, and export it as a file ``BrushBranchLoader`` loads.
 
-    accelerate launch -m training.train_branch --recipe mtadiffusion --base sd15.safetensors \\
+    accelerate launch -m faithful_inpaint.training.train_branch --recipe mtadiffusion --base sd15.safetensors \\
         --data shards/ --output-dir runs/mta --resolution 512 --batch-size 4 --max-steps 200000
 
 One GPU, many GPUs or many machines: the same command (``accelerate config`` / ``accelerate launch`` flags choose
@@ -21,10 +21,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from . import pack
-from .core import CoreConfig, Task, add_core_options, core_config_from_args, train
-from .data import MaskPolicy, ShardDataset, collate
-from .recipes import BRANCHES, LOSS_TERMS, RECIPES, LossContext, parse_losses, record_cross_attention
+from faithful_inpaint.kernels import branch_losses as L
+from faithful_inpaint.kernels import brush_branch as bb
+from faithful_inpaint.kernels import brush_files
+from faithful_inpaint.training.core import CoreConfig, Task, add_core_options, core_config_from_args, train
+from faithful_inpaint.training.data import MaskPolicy, ShardDataset, collate
+from faithful_inpaint.training.recipes import (BRANCHES, LOSS_TERMS, RECIPES, LossContext, parse_losses,
+                                              record_cross_attention)
 
 META_RECIPE = "faithful_inpaint.recipe"
 
@@ -45,7 +48,7 @@ class BranchTask(Task):
 
     # ---- core hooks ---------------------------------------------------------------------------------------------
     def setup(self, device: torch.device, frozen_dtype: torch.dtype) -> None:
-        from .base import FrozenBase
+        from faithful_inpaint.training.base import FrozenBase
 
         self.base = FrozenBase(self.args.base, device, frozen_dtype, seed=self.args.seed)
         torch.manual_seed(self.args.seed)          # new modules' initialisation is the same on every process
@@ -86,7 +89,6 @@ class BranchTask(Task):
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> dict:
-        bb = pack.module("kernels.brush_branch")
         images, mask = batch["image"], batch["mask"]
         latents = self.base.encode_images(images)
         masked = bb.masked_image(images.permute(0, 2, 3, 1), mask).permute(0, 3, 1, 2)
@@ -163,7 +165,6 @@ def sample(base, branch: nn.Module, batch: dict, steps: int, seed: int) -> torch
     """Deterministic DDIM (eta 0) with the branch injected; images [B, 3, H, W] in [0, 1] on the CPU.
 
     The known region is not pasted back: the grid shows what the branch makes of it."""
-    L = pack.module("kernels.branch_losses")
     x0 = batch["latents"]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -191,16 +192,11 @@ def save_grid(columns: list[torch.Tensor], path: Path) -> None:
 
 def export_branch(branch: nn.Module, kind: str, path: Path, recipe: str, losses: dict,
                   dtype: str = "fp32") -> Path:
-    """The pack's branch file (contract section 3): safetensors, diffusers-style keys of the branch module,
-    metadata faithful_inpaint.kind / .config (the branch config JSON) / .recipe (how it was trained)."""
-    from safetensors.torch import save_file
-
-    files = pack.module("kernels.brush_files")
+    """The pack's branch file (docs/brush-branches.md): diffusers-style keys of the branch module, metadata kind,
+    config (the branch config JSON) and ``faithful_inpaint.recipe`` (how it was trained)."""
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    state = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in branch.state_dict().items()}
-    metadata = {files.META_KIND: kind, files.META_CONFIG: branch.config.to_json(),
-                META_RECIPE: json.dumps({"recipe": recipe, "losses": losses})}
-    save_file(state, str(path), metadata=metadata)
+    brush_files.save_branch_file(path, branch.state_dict(), kind, branch.config.to_json(), dtype=torch_dtype,
+                                 metadata={META_RECIPE: json.dumps({"recipe": recipe, "losses": losses})})
     return Path(path)
 
 

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-PACK_MODULE_NAME = "faithful_inpaint"
 
 
 class HostNotFound(RuntimeError):
@@ -91,10 +90,10 @@ def start(base_directory: str | os.PathLike | None = None, cpu: bool | None = No
 
 
 def load_pack_nodes():
-    """Import ComfyUI's built-in nodes and this pack as a custom node, exactly as ComfyUI's start-up does.
+    """Import ComfyUI's built-in nodes and this pack as a custom node, exactly as ComfyUI's start-up does (once).
 
-    ComfyUI imports a custom node under its folder path as module name; the pack and every submodule it has
-    imported are also made reachable as ``faithful_inpaint.*`` so tests and tools share the very same objects.
+    ComfyUI runs the pack's ``__init__.py`` under a module name made from the folder's path; that file makes the name
+    point at the ``faithful_inpaint`` package this process already imported, so there is one copy of every module.
     Returns ComfyUI's live ``NODE_CLASS_MAPPINGS``.
     """
     start()
@@ -103,16 +102,14 @@ def load_pack_nodes():
     with _audio_import_failures_summarised():
         import nodes
 
-    if PACK_MODULE_NAME not in sys.modules:
+    loaded = {os.path.realpath(d) for d in getattr(nodes, "LOADED_MODULE_DIRS", {}).values()}
+    if os.path.realpath(PACK_ROOT) not in loaded:
         if not getattr(nodes, "_faithful_inpaint_builtins_loaded", False):
             with _audio_import_failures_summarised():
                 asyncio.run(nodes.init_builtin_extra_nodes())
             nodes._faithful_inpaint_builtins_loaded = True
         if not asyncio.run(nodes.load_custom_node(str(PACK_ROOT), module_parent="custom_nodes")):
             raise RuntimeError(f"ComfyUI failed to load the pack from {PACK_ROOT}; see the log above")
-        loaded_as = str(PACK_ROOT).replace(".", "_x_")
-        for name in [n for n in sys.modules if n == loaded_as or n.startswith(loaded_as + ".")]:
-            sys.modules[PACK_MODULE_NAME + name[len(loaded_as):]] = sys.modules[name]
     return nodes.NODE_CLASS_MAPPINGS
 
 

@@ -14,7 +14,7 @@ import copy
 import torch
 
 # Full-size UNet configs as ComfyUI's model detection produces them (comfy/model_detection.py).
-_FULL = {
+UNET_CONFIGS = {
     "sd15": {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
         "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
@@ -42,6 +42,10 @@ _FULL = {
     },
 }
 
+# SD's AutoencoderKL (SD1.x, SD2.x and SDXL share the layout; ComfyUI reads their files with this shape).
+SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
 # Tiny variants keep each family's block layout (which levels have attention, linear vs conv projections,
 # head layout, context width) and shrink channels, depth and levels.
 _TINY = {
@@ -57,13 +61,13 @@ _TINY = {
              "transformer_depth_middle": 1},
 }
 
-FAMILIES = tuple(_FULL)
+FAMILIES = tuple(UNET_CONFIGS)
 
 
 def unet_config(family: str, size: str = "tiny", inpaint: bool = False) -> dict:
-    if family not in _FULL:
+    if family not in UNET_CONFIGS:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    cfg = copy.deepcopy(_FULL[family])
+    cfg = copy.deepcopy(UNET_CONFIGS[family])
     if size == "tiny":
         cfg.update(copy.deepcopy(_TINY[family]))
     elif size != "full":
@@ -160,3 +164,25 @@ def build_flux_model(seed: int = 0):
         randomise(model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def build_vae(size: str = "tiny", seed: int = 0):
+    """A ComfyUI VAE with SD's AutoencoderKL layout (8x downscale, 4 latent channels) and random weights:
+    ``full`` has SD's real widths (benchmarks), ``tiny`` 32 base channels and one resnet per level (tests)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = dict(SD_VAE_DDCONFIG)
+    if size == "tiny":
+        ddconfig.update(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1)
+    config = {"params": {"ddconfig": ddconfig, "embed_dim": 4}}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in AutoencoderKL(ddconfig=ddconfig, embed_dim=4).state_dict().items():
+        if k.endswith("weight") and v.dim() > 1:
+            sd[k] = torch.randn(v.shape, generator=gen) / max(v[0].numel(), 1) ** 0.5
+        elif "norm" in k and k.endswith("weight"):
+            sd[k] = torch.ones(v.shape)
+        else:
+            sd[k] = torch.zeros(v.shape)
+    return comfy.sd.VAE(sd=sd, config=config)

@@ -29,7 +29,7 @@ Public API:
   register_model_folders(models_dir, kinds)  adds models_dir/<folder> to ComfyUI's folder_paths (in-process hosts)
   layout(kind) -> {key: (shape, dtype)}   the layout of a kind without writing anything
 
-ComfyUI must be importable (``headless.host.start()``) before any file is generated.
+ComfyUI must be importable (``devtools.host.start()``) before any file is generated.
 """
 from __future__ import annotations
 
@@ -37,12 +37,16 @@ import json
 import math
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from faithful_inpaint.kernels import brush_files, mtadiffusion, painternet
+from faithful_inpaint.kernels import refinenet as rn
+from faithful_inpaint.devtools.random_models import SD_VAE_DDCONFIG, UNET_CONFIGS
+from faithful_inpaint.kernels.brush_branch import BranchConfig
 
 # Bump when a layout or the value recipe changes: cached files with another version are regenerated.
 SMOKE_FORMAT_VERSION = "1"
@@ -57,26 +61,9 @@ _POOL_SIZE = 1 << 22  # 4 Mi random values per seed; larger tensors are tiled fr
 # real (non-meta) tensors such as position_ids are written as they are.
 # --------------------------------------------------------------------------------------------------------------------
 
-_SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+# UNet configs as comfy.model_detection derives them from the real files, and SD's VAE.
+_UNET_SD15, _UNET_SDXL = UNET_CONFIGS["sd15"], UNET_CONFIGS["sdxl"]
 
-# UNet configs as comfy.model_detection derives them from the real files.
-_UNET_SD15 = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-_UNET_SDXL = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
 # stabilityai/stable-diffusion-x4-upscaler (x4-upscaler-ema): attention on the 3 lower levels, no self-attention
 # except on the lowest one, noise-level class embedding (1000 classes), OpenCLIP-H context.
 _UNET_X4 = {
@@ -97,7 +84,7 @@ def _meta_sd(module: torch.nn.Module) -> dict:
 def _vae_sd(ch_mult=(1, 2, 4, 4)) -> dict:
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    ddconfig = dict(_SD_VAE_DDCONFIG, ch_mult=list(ch_mult))
+    ddconfig = dict(SD_VAE_DDCONFIG, ch_mult=list(ch_mult))
     with torch.device("meta"):
         return _meta_sd(AutoencoderKL(ddconfig=ddconfig, embed_dim=4))
 
@@ -255,7 +242,7 @@ def _brushnet_layout(family: str, cross_attention: bool = False) -> dict:
         if lk in unet_sd:
             sd[dk.replace("conv_in.", "conv_in_condition.", 1) if dk.startswith("conv_in.") else dk] = unet_sd[lk]
     # Residual widths (conv_in, each resnet, each downsampler; middle; up path), as the branch model computes them.
-    down, top, up = _pack_kernel("brush_branch").BranchConfig.from_unet_config(base).residual_channels()
+    down, top, up = BranchConfig.from_unet_config(base).residual_channels()
     for i, c in enumerate(down):
         sd[f"brushnet_down_blocks.{i}.weight"] = _meta(c, c, 1, 1)
         sd[f"brushnet_down_blocks.{i}.bias"] = _meta(c)
@@ -292,25 +279,11 @@ def _diffusers_key_order(k: str):
     return [int(p) if p.isdigit() else p for p in k.split(".")]
 
 
-def _pack_kernel(name: str):
-    """A module of the pack's kernels/ (host-free, no relative imports) loaded from its file."""
-    import importlib.util
-
-    module_name = f"_smoke_kernels_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / "kernels" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module   # dataclasses look their module up while the file runs
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
 def _refinenet_parts() -> tuple[dict, dict]:
     """(tensors, metadata) of the pack's RefineNet file for SD1.5 inpainting with CLIP ViT-H (LAR-Gen stage-2
     export): the detail-encoder MLP and every cross-attention weight of the UNet (kernels/refinenet.py)."""
     import comfy.supported_models as sm
 
-    rn = _pack_kernel("refinenet")
     config = rn.RefineNetConfig(clip_dim=1280, context_dim=768, unet_in_channels=9)
     with torch.device("meta"):
         encoder = rn.DetailEncoder(config).state_dict()
@@ -319,16 +292,13 @@ def _refinenet_parts() -> tuple[dict, dict]:
 
 
 def _own_branch_parts(kind: str) -> tuple[dict, dict]:
-    """(tensors, metadata) of the pack's own branch file of ``kind`` made for SD1.5 (contract section 3): the branch
+    """(tensors, metadata) of the pack's own branch file of ``kind`` made for SD1.5 (docs/brush-branches.md): the branch
     module's state dict (kernels/painternet.py, kernels/mtadiffusion.py) and its kind/config metadata."""
-    from training import pack
-
-    files = pack.module("kernels.brush_files")
-    module = pack.module(f"kernels.{kind}")
+    module = {"painternet": painternet, "mtadiffusion": mtadiffusion}[kind]
     config = module.config_for(dict(_UNET_SD15, in_channels=9))
     with torch.device("meta"):
         branch = module.branch_from_config(config.to_json())
-    return dict(branch.state_dict()), {files.META_KIND: kind, files.META_CONFIG: config.to_json()}
+    return dict(branch.state_dict()), {brush_files.META_KIND: kind, brush_files.META_CONFIG: config.to_json()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -572,7 +542,7 @@ def register_model_folders(models_dir=None, kinds: Iterable[str] = KINDS) -> Non
 
 
 def main(argv=None) -> int:
-    """``python -m headless.smoke_checkpoints [--models-dir DIR] [KIND ...]``: write (or reuse) smoke files."""
+    """``python -m faithful_inpaint.devtools.smoke_checkpoints [--models-dir DIR] [KIND ...]``: write (or reuse) smoke files."""
     import argparse
     import time
 
@@ -582,7 +552,7 @@ def main(argv=None) -> int:
                         "$FAITHFUL_SMOKE_DIR or <repo>/.smoke/models)")
     args = parser.parse_args(argv)
     kinds = KINDS if args.kinds == ["all"] else tuple(args.kinds)
-    from headless import host
+    from faithful_inpaint.devtools import host
 
     host.start()
     root = Path(args.models_dir) if args.models_dir else default_models_dir()

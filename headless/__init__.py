@@ -1,0 +1,1 @@
+"""The headless runner: a UI-format workflow run through ComfyUI's own execution engine (run.py)."""
