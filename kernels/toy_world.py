@@ -71,6 +71,7 @@ class Scene:
     cells: np.ndarray         # float32 [size, size, 3] in [0, 1]
     objects: list[ToyObject]
     seed: int
+    background: str = "plain"  # one of BACKGROUND_KINDS (the word a caption uses for it)
 
     @property
     def caption(self) -> str:
@@ -137,6 +138,40 @@ def background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(cells, 0.0, 1.0).astype(np.float32)
 
 
+# Background kinds of the second world (the words its captions use for them). "plain" is the dull background above;
+# the others are two dull tones in a pattern with a random period (in cells) and orientation, so that filling a
+# hole means copying structure from distant known cells. Tints stay far below the scorer's MIN_SATURATION.
+BACKGROUND_KINDS = ("plain", "striped", "checked", "gradient")
+STRUCTURED_BACKGROUNDS = BACKGROUND_KINDS[1:]
+PERIOD_RANGE = (6.0, 16.0)   # cells per period: 3-8 cells per stripe, 1.5-4 tokens at 16 x 16
+
+
+def structured_background(rng: np.random.Generator, size: int, kind: str) -> np.ndarray:
+    """A background of ``kind`` (BACKGROUND_KINDS): stripes, a checker board or a periodic (triangle-wave) gradient
+    between a dark and a light dull tone, at a random period and angle, with per-cell noise; "plain" is
+    :func:`background`."""
+    if kind == "plain":
+        return background(rng, size)
+    if kind not in STRUCTURED_BACKGROUNDS:
+        raise ValueError(f"unknown background {kind!r}; expected one of {BACKGROUND_KINDS}")
+    level, contrast = rng.uniform(0.3, 0.65), rng.uniform(0.15, 0.3)
+    tint = rng.uniform(-0.04, 0.04, size=3)
+    dark, light = level - contrast / 2 + tint, level + contrast / 2 + tint
+    angle, period = rng.uniform(0.0, np.pi), rng.uniform(*PERIOD_RANGE)
+    phase = rng.uniform(0.0, 1.0, size=2)
+    y, x = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
+    u = (x * np.cos(angle) + y * np.sin(angle)) / period + phase[0]      # periods along the pattern's axis
+    v = (-x * np.sin(angle) + y * np.cos(angle)) / period + phase[1]
+    if kind == "striped":
+        t = np.floor(2 * u) % 2
+    elif kind == "checked":
+        t = (np.floor(2 * u) + np.floor(2 * v)) % 2
+    else:                                                                 # gradient: a triangle wave along u
+        t = np.abs(2 * (u % 1.0) - 1)
+    cells = dark + t[..., None] * (light - dark) + rng.normal(0.0, 0.03, size=(size, size, 3))
+    return np.clip(cells, 0.0, 1.0).astype(np.float32)
+
+
 def _boxes_clear(box, others, gap: int) -> bool:
     t, l, b, r = box
     return all(b + gap <= t2 or b2 + gap <= t or r + gap <= l2 or r2 + gap <= l for t2, l2, b2, r2 in others)
@@ -155,11 +190,15 @@ def draw_object(cells: np.ndarray, rng: np.random.Generator, colour: str, shape:
     return ToyObject(colour, shape, top, left, side, mask)
 
 
-def make_scene(seed: int, size: int = DEFAULT_SIZE, n_objects: int | None = None) -> Scene:
-    """A random scene; ``n_objects`` 1-3 (random when None). Objects do not touch (2 cells apart at least)."""
+def make_scene(seed: int, size: int = DEFAULT_SIZE, n_objects: int | None = None,
+               backgrounds: tuple[str, ...] | None = None) -> Scene:
+    """A random scene; ``n_objects`` 1-3 (random when None). Objects do not touch (2 cells apart at least).
+    ``backgrounds``: None, the first world's dull background (the draws of every earlier scene, unchanged); or
+    kinds from BACKGROUND_KINDS, one drawn uniformly per scene (:func:`structured_background`)."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 4)) if n_objects is None else n_objects
-    cells = background(rng, size)
+    kind = "plain" if backgrounds is None else backgrounds[int(rng.integers(len(backgrounds)))]
+    cells = background(rng, size) if backgrounds is None else structured_background(rng, size, kind)
     lo, hi = _object_size_range(size)
     boxes, objects = [], []
     for _ in range(n):
@@ -173,7 +212,7 @@ def make_scene(seed: int, size: int = DEFAULT_SIZE, n_objects: int | None = None
                 boxes.append(box)
                 objects.append(draw_object(cells, rng, colour, shape, top, left, side))
                 break
-    return Scene(cells, objects, seed)
+    return Scene(cells, objects, seed, kind)
 
 
 def cut_out(cells: np.ndarray, obj: ToyObject) -> np.ndarray:
@@ -195,6 +234,54 @@ def subject_image(colour: str, shape: str, seed: int, size: int = DEFAULT_SIZE, 
     top = (out.shape[0] - pixels.shape[0]) // 2
     out[top:top + pixels.shape[0], top:top + pixels.shape[1]] = pixels
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The second world's training draws: masks and captions the way Stable Inpainting was trained (random masks that
+# ignore objects, the image's global caption, incomplete), which is what leaves real inpainting models neglecting the
+# prompt (ProFI-Painter, sec. 3). The first world's trainer masks whole objects with local captions instead.
+
+MASK_KINDS = ("box", "stroke", "full")
+MASK_SHARES = (0.45, 0.45, 0.10)     # box, brush stroke, whole image (SD-inpainting also masks everything sometimes)
+NAME_PROB = 0.6                      # each object is named in the caption with this probability ...
+BACKGROUND_WORD_PROB = 0.4           # ... and the background kind with this one ("on a striped background")
+
+
+def random_mask(rng: np.random.Generator, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, str]:
+    """(bool [size, size] mask, kind): a random box (sides 1/8 to 3/4 of the image, anywhere), one to three brush
+    strokes (OpenCV polylines of 2-5 random-walk vertices, 2-6 cells thick), or the whole image, with MASK_SHARES.
+    Nothing here looks at the objects: a mask covers part of an object as often as chance makes it."""
+    import cv2
+
+    kind = MASK_KINDS[int(rng.choice(len(MASK_KINDS), p=MASK_SHARES))]
+    mask = np.zeros((size, size), np.uint8)
+    if kind == "box":
+        h, w = (int(v) for v in rng.integers(max(1, size // 8), size * 3 // 4 + 1, size=2))
+        top, left = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        mask[top:top + h, left:left + w] = 1
+    elif kind == "stroke":
+        for _ in range(int(rng.integers(1, 4))):
+            points = [rng.uniform(0, size, size=2)]
+            for _ in range(int(rng.integers(1, 5))):
+                angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(size / 8, size / 2)
+                points.append(np.clip(points[-1] + length * np.array([np.cos(angle), np.sin(angle)]), 0, size - 1))
+            thickness = int(rng.integers(2, 7))
+            cv2.polylines(mask, [np.round(np.array(points)).astype(np.int32)], False, 1, thickness)
+    else:
+        mask[:] = 1
+    return mask.astype(bool), kind
+
+
+def incomplete_caption(rng: np.random.Generator, scene: Scene, name_prob: float = NAME_PROB,
+                       background_prob: float = BACKGROUND_WORD_PROB) -> str:
+    """A global caption that may leave things out: each object named with ``name_prob`` (drawing order), the
+    background kind with ``background_prob`` ("a red circle on a striped background", "a checked background", or
+    "" when nothing is named). A named object may be anywhere, inside a mask or not."""
+    named = [o.caption for o in scene.objects if rng.uniform() < name_prob]
+    where = f"a {scene.background} background" if rng.uniform() < background_prob else ""
+    if not named:
+        return where
+    return join_captions(named) + (f" on {where}" if where else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,6 +360,59 @@ def make_case(seed: int, kind: str, size: int = DEFAULT_SIZE) -> InpaintCase:
 def make_cases(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> list[InpaintCase]:
     """``n`` cases, alternating background and nearby-object dominance, with seeds seed, seed + 1, ..."""
     return [make_case(seed + i, CASE_KINDS[i % 2], size) for i in range(n)]
+
+
+def make_neglect_case(seed: int, kind: str, size: int = DEFAULT_SIZE) -> InpaintCase:
+    """A case of the second world (prompt neglect): a scene on a structured background (STRUCTURED_BACKGROUNDS) and a
+    prompt for an object absent from the scene (no object of that colour and shape in it). ``background``: the
+    mask lies on the textured background, 2 cells from any object (failure: the texture fills the hole);
+    ``nearby``: the mask covers 1-3 cells of a neighbour's box (part of the neighbour is masked, as the training
+    masks often do) and the prompt differs from it in colour and shape (failure: the neighbour continues into the
+    hole)."""
+    if kind not in CASE_KINDS:
+        raise ValueError(f"unknown case kind {kind!r}; expected one of {CASE_KINDS}")
+    rng = np.random.default_rng([seed, CASE_KINDS.index(kind), 2])
+    hi = _object_size_range(size)[1]
+    for _attempt in range(400):
+        scene = make_scene(int(rng.integers(2**31)), size, n_objects=int(rng.integers(1, 3)),
+                           backgrounds=STRUCTURED_BACKGROUNDS)
+        side = int(rng.integers(hi, hi + 3))
+        neighbour = None
+        if kind == "background":
+            top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+            if not _boxes_clear((top, left, top + side, left + side), [o.box for o in scene.objects], gap=2):
+                continue
+        else:
+            neighbour = scene.objects[int(rng.integers(len(scene.objects)))]
+            t, l, b, r = neighbour.box
+            side_of, overlap = int(rng.integers(4)), int(rng.integers(1, 4))
+            offset = int(rng.integers(-(side // 3), side // 3 + 1))
+            if side_of in (0, 1):
+                top = t + (neighbour.size - side) // 2 + offset
+                left = l - side + overlap if side_of == 0 else r - overlap
+            else:
+                left = l + (neighbour.size - side) // 2 + offset
+                top = t - side + overlap if side_of == 2 else b - overlap
+            if top < 0 or left < 0 or top + side > size or left + side > size:
+                continue
+            if not _boxes_clear((top, left, top + side, left + side),
+                                [o.box for o in scene.objects if o is not neighbour], gap=2):
+                continue
+        mask = np.zeros((size, size), bool)
+        mask[top:top + side, left:left + side] = True
+        if neighbour is not None and not (mask & neighbour.mask).any():
+            continue                                      # the box overlaps, the shape itself must be masked too
+        taken = {(o.colour, o.shape) for o in scene.objects}
+        choices = [(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in taken
+                   and (neighbour is None or (c != neighbour.colour and s != neighbour.shape))]
+        colour, shape = choices[int(rng.integers(len(choices)))]
+        return InpaintCase(scene, mask, f"a {colour} {shape}", colour, shape, kind, seed, neighbour)
+    raise RuntimeError(f"no {kind} neglect case found for seed {seed} at size {size}")
+
+
+def make_neglect_cases(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> list[InpaintCase]:
+    """``n`` second-world cases (:func:`make_neglect_case`), alternating background and nearby, seeds seed, ..."""
+    return [make_neglect_case(seed + i, CASE_KINDS[i % 2], size) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,6 +519,45 @@ def score_case(result_cells: np.ndarray, case: InpaintCase) -> dict:
     return out
 
 
+FAILURE_KINDS = ("background", "neighbour", "other")
+
+
+def failure_kind(result_cells: np.ndarray, case: InpaintCase, score: dict | None = None) -> str | None:
+    """Why a result misses the prompted object (None when it is present; ``score`` = score_case's, if at hand):
+
+    * "neighbour" (nearby-object dominance): the neighbour's colour covers more of the hole than any other palette
+      colour, and a blob of it connected to the neighbour's known part reaches at least MIN_BLOB_CELLS hole cells
+      beyond the neighbour's own masked cells (the neighbour grew into the hole; merely restoring it does not count);
+    * "background" (background dominance): no palette colour forms a blob of MIN_BLOB_CELLS cells in the hole
+      outside the neighbour's own masked cells (the background texture fills it);
+    * "other": anything else (another object, the wrong colour).
+    """
+    score = score_region(result_cells, case.mask, case.colour) if score is None else score
+    if score["present"]:
+        return None
+    labels = colour_labels(result_cells)
+    hole = case.mask
+    own = case.neighbour.mask & hole if case.neighbour is not None else np.zeros_like(hole)
+    if case.neighbour is not None:
+        index = COLOUR_NAMES.index(case.neighbour.colour)
+        counts = [int(((labels == i) & hole).sum()) for i in range(len(COLOUR_NAMES))]
+        known_part = case.neighbour.mask & ~hole
+        for blob in connected_components(labels == index):
+            if (blob & known_part).any() and (blob & hole & ~own).sum() >= MIN_BLOB_CELLS and \
+                    counts[index] == max(counts):
+                return "neighbour"
+    blobs = [b for i in range(len(COLOUR_NAMES)) for b in connected_components((labels == i) & hole & ~own)[:1]]
+    if all(b.sum() < MIN_BLOB_CELLS for b in blobs):
+        return "background"
+    return "other"
+
+
+def count_failures(kinds) -> dict:
+    """{failure kind: count} over failure_kind's answers (None, a success, is not counted), every kind listed."""
+    kinds = list(kinds)
+    return {k: sum(1 for x in kinds if x == k) for k in FAILURE_KINDS}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Latent mapping (what the toy VAE computes) and the diffusion schedule
 
@@ -429,16 +608,23 @@ MAX_TOKENS = 77
 # The CLIP BPE id of every word a caption can contain (tests check these against ComfyUI's SD1 tokenizer).
 WORD_TOKENS = {"a": 320, "an": 550, "and": 537, ",": 267, "red": 736, "green": 1901, "blue": 1746,
                "yellow": 4481, "circle": 7117, "square": 3999, "triangle": 14615}
+# The second world's background words ("... on a striped background"), each one CLIP token.
+BACKGROUND_WORD_TOKENS = {"on": 525, "background": 5994, "plain": 10709, "striped": 22192, "checked": 10387,
+                          "gradient": 36885}
 VOCABULARY = (START_TOKEN, END_TOKEN) + tuple(WORD_TOKENS.values())  # table row i <-> CLIP id; last row: unknown
+# A text encoder's table by name (its config's "vocabulary"). The extended one appends rows after the first world's,
+# so an encoder built with the default has exactly the shipped files' table (background words are "unknown" there).
+VOCABULARIES = {"shapes": VOCABULARY, "shapes+backgrounds": VOCABULARY + tuple(BACKGROUND_WORD_TOKENS.values())}
+_ALL_WORDS = {**WORD_TOKENS, **BACKGROUND_WORD_TOKENS}
 
 
 def tokenize(caption: str) -> list[int]:
     """The 77 CLIP ids ComfyUI's SD1 tokenizer gives a caption of the world's words (start, words, end, padding)."""
     ids = [START_TOKEN]
     for word in caption.replace(",", " , ").split():
-        if word not in WORD_TOKENS:
+        if word not in _ALL_WORDS:
             raise ValueError(f"{word!r} is not a word of the shapes world")
-        ids.append(WORD_TOKENS[word])
+        ids.append(_ALL_WORDS[word])
     ids.append(END_TOKEN)
     return ids + [END_TOKEN] * (MAX_TOKENS - len(ids))
 
@@ -449,23 +635,26 @@ class ToyTextEncoder(nn.Module):
     768-wide cross-attention. Output: per-token states [B, 77, 768] and the pooled state at the first end token."""
 
     def __init__(self, width: int = 64, layers: int = 2, heads: int = 4, context_dim: int = 768,
-                 dtype=None, device=None):
+                 vocabulary: str = "shapes", dtype=None, device=None):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.config = {"width": width, "layers": layers, "heads": heads, "context_dim": context_dim}
-        self.token_embedding = nn.Embedding(len(VOCABULARY) + 1, width, **kw)
+        if vocabulary != "shapes":
+            self.config["vocabulary"] = vocabulary
+        table = VOCABULARIES[vocabulary]
+        self.token_embedding = nn.Embedding(len(table) + 1, width, **kw)
         self.position_embedding = nn.Parameter(torch.zeros(MAX_TOKENS, width, **kw))
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
                                        norm_first=True, **kw) for _ in range(layers))
         self.final_norm = nn.LayerNorm(width, **kw)
         self.projection = nn.Linear(width, context_dim, **kw)
-        self.register_buffer("vocabulary", torch.tensor(VOCABULARY), persistent=False)
+        self.register_buffer("vocabulary", torch.tensor(table), persistent=False)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """CLIP ids -> rows of the table (the last row for any id outside the world's vocabulary)."""
         match = ids[..., None] == self.vocabulary.to(ids.device)
-        return torch.where(match.any(-1), match.float().argmax(-1), torch.full_like(ids, len(VOCABULARY)))
+        return torch.where(match.any(-1), match.float().argmax(-1), torch.full_like(ids, len(self.vocabulary)))
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = ids.shape[1]
