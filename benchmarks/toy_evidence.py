@@ -39,6 +39,7 @@ from faithful_inpaint.kernels import masks
 from faithful_inpaint.kernels import toy_world as tw
 
 METRICS = ("present", "dominant", "shape_ok")
+WORLDS = {"objects": tw.make_cases, "neglect": tw.make_neglect_cases}   # --world: the cases' generator
 DEFAULT_SEED = 10_000     # the first case's seed
 TOY_FILES = {"inpaint": "toy_world_inpaint.safetensors", "plain": "toy_world.safetensors"}
 
@@ -256,10 +257,12 @@ class ToyModels:
     _clip_vision: Any = None
 
     @classmethod
-    def load(cls, kinds):
+    def load(cls, kinds, files: dict | None = None):
+        """The toy models of ``kinds`` ("inpaint", "plain"), from ``files`` (kind -> file name; TOY_FILES)."""
         from faithful_inpaint.nodes.toy_world import ToyWorldLoader
 
-        return cls({kind: tuple(ToyWorldLoader.execute(checkpoint=TOY_FILES[kind])) for kind in kinds})
+        files = {**TOY_FILES, **(files or {})}
+        return cls({kind: tuple(ToyWorldLoader.execute(checkpoint=files[kind])) for kind in kinds})
 
     @property
     def clip_vision(self):
@@ -343,6 +346,7 @@ def summarise(rows: list[dict], baseline_rows: list[dict] | None) -> dict:
     out["mae"] = mean_interval([r["mae"] for r in rows])
     out["changed"] = mean_interval([r["changed"] for r in rows])
     out["seconds"] = mean_interval([r["seconds"] for r in rows])
+    out["failures"] = tw.count_failures(r.get("failure") for r in rows)
     return out
 
 
@@ -352,11 +356,15 @@ def summarise(rows: list[dict], baseline_rows: list[dict] | None) -> dict:
 
 def attention_statistics(models: ToyModels, cases: list[tw.InpaintCase], steps: int, cfg: float) -> list[dict]:
     """Per self-attention level of the baseline 9-channel model, over masked query pixels of the conditional pass:
-    normalised entropy (1 = uniform over all pixels), the attention mass on known pixels and the known pixels'
-    share of the image (what a uniform attention would give them)."""
+    normalised entropy (1 = uniform over all pixels) of the head-averaged map and, per head, averaged over heads
+    (heads that each attend sharply to different pixels average to a flatter map), the attention mass on known
+    pixels and the known pixels' share of the image (what a uniform attention would give them)."""
     from faithful_inpaint.patching.attention_capture import AttentionRecorder
 
-    recorder = AttentionRecorder(attention=("attn1",), cond_only=True, average_heads=True)
+    def entropy(rows):                               # normalised entropy of each row (last dim) of a map
+        return -(rows.clamp_min(1e-12).log() * rows).sum(-1) / math.log(rows.shape[-1])
+
+    recorder = AttentionRecorder(attention=("attn1",), cond_only=True, average_heads=False)
     totals: dict[tuple, list] = {}
 
     def with_recorder(ci: CaseInputs):
@@ -371,18 +379,27 @@ def attention_statistics(models: ToyModels, cases: list[tw.InpaintCase], steps: 
             masked = masked_tokens(mask, cap.height, cap.width)[0]
             if not masked.any() or masked.all():
                 continue
-            rows = cap.maps[0][masked]                                                  # [masked, N]
-            entropy = -(rows.clamp_min(1e-12).log() * rows).sum(-1) / math.log(rows.shape[-1])
+            heads = cap.maps[0][:, masked]                                              # [heads, masked, N]
+            rows = heads.mean(0)                                                        # [masked, N]
             on_known = rows[:, ~masked].sum(-1)
             key = (cap.height, cap.width)
-            totals.setdefault(key, []).append((float(entropy.mean()), float(on_known.mean()),
-                                               float((~masked).float().mean())))
+            totals.setdefault(key, []).append((float(entropy(rows).mean()), float(on_known.mean()),
+                                               float((~masked).float().mean()), float(entropy(heads).mean())))
     out = []
     for (h, w), values in sorted(totals.items(), reverse=True):
         arr = np.array(values)
         out.append({"level": f"{h}x{w}", "maps": len(values), "entropy": float(arr[:, 0].mean()),
-                    "mass_on_known": float(arr[:, 1].mean()), "known_share": float(arr[:, 2].mean())})
+                    "head_entropy": float(arr[:, 3].mean()), "mass_on_known": float(arr[:, 1].mean()),
+                    "known_share": float(arr[:, 2].mean())})
     return out
+
+
+def attention_table(attention: list[dict]) -> list[str]:
+    """The attention statistics as markdown lines."""
+    lines = ["| level | maps | entropy of the head average (1 = uniform) | mean entropy per head | "
+             "attention mass on known pixels | known share of pixels |", "|---|---|---|---|---|---|"]
+    return lines + [f"| {a['level']} | {a['maps']} | {a['entropy']:.3f} | {a['head_entropy']:.3f} | "
+                    f"{a['mass_on_known']:.3f} | {a['known_share']:.3f} |" for a in attention]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,11 +425,8 @@ def report(summaries: dict, attention: list[dict], control_change: dict | None, 
              f"{args.cases - args.cases // 2} nearby-object), {args.steps} DDIM-uniform steps, CFG {args.cfg}, "
              f"case seeds {args.seed}..{args.seed + args.cases - 1}", ""]
     if attention:
-        lines += ["## Positive control: where masked pixels attend (baseline, 9-channel, conditional pass)", "",
-                  "| level | maps | entropy (1 = uniform) | attention mass on known pixels | known share of pixels |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {a['level']} | {a['maps']} | {a['entropy']:.3f} | {a['mass_on_known']:.3f} | "
-                  f"{a['known_share']:.3f} |" for a in attention]
+        lines += ["## Positive control: where masked pixels attend (baseline, 9-channel, conditional pass)", ""]
+        lines += attention_table(attention)
         lines.append("")
     if control_change:
         lines += ["## Positive control: blocking masked->known self-attention changes the output", "",
@@ -431,6 +445,13 @@ def report(summaries: dict, attention: list[dict], control_change: dict | None, 
                          f"{rate_cell(s['shape_ok'])} | {' | '.join(diffs)} | {s['mae'][0]:.4f} | "
                          f"{s['seconds'][0]:.2f} |")
         lines.append("")
+    lines += ["## Failures by kind (prompted colour absent from the hole: kernels/toy_world.failure_kind)", "",
+              "| mechanism | n | background fills the hole | neighbour continues into it | other |",
+              "|---|---|---|---|---|"]
+    for name, by_kind in summaries.items():
+        s = by_kind["all"]
+        lines.append(f"| {name} | {s['n']} | " + " | ".join(str(s["failures"][k]) for k in tw.FAILURE_KINDS) + " |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -486,6 +507,14 @@ def main(argv=None) -> int:
     p.add_argument("--attention-cases", type=int, default=20, help="cases for the attention statistics (0: skip)")
     p.add_argument("--grid-cases", type=int, default=12)
     p.add_argument("--toy-dir", help="folder searched first for toy_world*.safetensors (default: the pack's toy/)")
+    p.add_argument("--world", default="objects", choices=sorted(WORLDS),
+                   help="objects: make_cases (mask on empty background or next to an object); neglect: "
+                        "make_neglect_cases (structured backgrounds, prompted object absent, neighbour partly masked)")
+    p.add_argument("--inpaint-checkpoint", default=TOY_FILES["inpaint"],
+                   help="the 9-channel toy file the 'inpaint' entries load (e.g. toy_world_sd_inpaint.safetensors)")
+    p.add_argument("--attention-only", action="store_true",
+                   help="only the attention statistics of the 9-channel baseline on --attention-cases cases "
+                        "(attention.md in --out), then exit")
     p.add_argument("--out", default="runs/evidence")
     args = p.parse_args(argv)
 
@@ -513,14 +542,24 @@ def main(argv=None) -> int:
     toy_dir = Path(args.toy_dir or host.PACK_ROOT / "toy").resolve()
     for folder in ("inpaint", "ipadapter", "refinenet"):          # the toy-trained branch, adapter and RefineNet
         folder_paths.add_model_folder_path(folder, str(toy_dir), is_default=True)
-    missing = sorted({f for m in chosen for f in m.files if not (toy_dir / f).is_file()})
+    needed = set() if args.attention_only else {f for m in chosen for f in m.files}
+    missing = sorted(f for f in needed if not (toy_dir / f).is_file())
     if missing:
         p.error(f"missing in {toy_dir}: {missing}; train them (toy/README.md) or leave their mechanisms out with "
                 f"--only")
 
-    cases = tw.make_cases(args.cases, args.seed)
+    cases = WORLDS[args.world](max(args.cases, args.attention_cases * args.attention_only), args.seed)
     with torch.inference_mode():
-        models = ToyModels.load({m.model for m in chosen})
+        if args.attention_only:
+            models = ToyModels.load({"inpaint"}, {"inpaint": args.inpaint_checkpoint})
+            attention = attention_statistics(models, cases[:args.attention_cases], args.steps, args.cfg)
+            text = "\n".join([f"# Self-attention of {args.inpaint_checkpoint} on {args.attention_cases} {args.world} "
+                              f"cases (masked query pixels, conditional pass, {args.steps} steps)", ""]
+                             + attention_table(attention))
+            (out / "attention.md").write_text(text + "\n")
+            print(text)
+            return 0
+        models = ToyModels.load({m.model for m in chosen}, {"inpaint": args.inpaint_checkpoint})
         attention = []
         if args.attention_cases and "inpaint" in models.loaded:
             attention = attention_statistics(models, cases[:args.attention_cases], args.steps, args.cfg)
@@ -531,6 +570,7 @@ def main(argv=None) -> int:
             for i, case in enumerate(cases):
                 cells, seconds = run_case(models, mechanism, case, args.steps, args.cfg)
                 score = tw.score_case(cells, case)
+                score["failure"] = tw.failure_kind(cells, case, score)
                 rows[mechanism.name].append({"case": case.seed, "kind": case.kind, "prompt": case.prompt,
                                              "seconds": seconds, **score})
                 results[mechanism.name].append(cells)

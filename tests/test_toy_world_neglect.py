@@ -8,6 +8,7 @@ import torch
 
 from kernels import toy_world as tw
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # the threads test sets its own count and restores it
 DRAWS = 400
 
 
@@ -257,3 +258,31 @@ def test_short_sd_inpaint_training_lowers_the_held_out_loss(threads):
     finally:
         torch.set_num_threads(before)
     assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The harness: attention report and failure counts for a checkpoint of the new recipe
+
+
+def test_attention_report_command_on_an_sd_inpaint_checkpoint(tmp_path):
+    """benchmarks/toy_evidence.py --attention-only loads the named 9-channel file through ToyWorldLoader (background
+    words reach its extended table) and reports both attention levels' entropies (here of an untrained model)."""
+    import sys
+
+    from training.toy_world import fresh_checkpoint
+
+    sys.path.insert(0, str(tw.__file__).rsplit("/kernels/", 1)[0] + "/benchmarks")
+    import toy_evidence as ev
+
+    fresh_checkpoint(tmp_path / "toy_world_sd_inpaint.safetensors", "inpaint", seed=1, recipe="sd-inpaint")
+    out = tmp_path / "out"
+    assert ev.main(["--attention-only", "--toy-dir", str(tmp_path), "--inpaint-checkpoint",
+                    "toy_world_sd_inpaint.safetensors", "--world", "neglect", "--attention-cases", "1",
+                    "--steps", "1", "--out", str(out)]) == 0
+    lines = (out / "attention.md").read_text().splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 16x16") or line.startswith("| 8x8")]
+    assert [r[0].strip() for r in rows] == ["16x16", "8x8"]
+    for r in rows:
+        average, per_head = float(r[2]), float(r[3])
+        assert 0 < per_head <= average <= 1                # averaging heads never sharpens (entropy is concave)
+

@@ -14,6 +14,10 @@ square") or one object's local caption ("a red circle"), half and half. The inpa
 box (grown by 1-3 cells) with its local caption half of the time, a random box with the global caption 35% of the
 time, and the whole image 15% of the time.
 
+A second recipe, ``--recipe sd-inpaint`` (the default ``objects`` is the one above, which made the shipped files),
+trains the way Stable Inpainting was trained: structured backgrounds, random boxes and brush strokes that ignore the
+objects, incomplete global captions with background words, and 8 attention heads (RECIPES, SD_UNET_OVERRIDES).
+
 Optimisation (defaults): AdamW through the core, batch 16, 2200 steps, lr 1e-3 after 100 warm-up steps with a cosine
 decay to 0 at the last step, Min-SNR-5 loss weighting, and the exported weights are an
 exponential moving average (decay 0.995) of the trained ones.
@@ -238,12 +242,13 @@ def save_checkpoint(unet: nn.Module, text: nn.Module, variant: str, config: dict
     save_file(tensors, str(path), metadata=meta)
 
 
-def fresh_checkpoint(path: Path, variant: str = "plain", seed: int = 0) -> Path:
-    """An untrained (freshly initialised) checkpoint: for tests and for checking a graph before training."""
+def fresh_checkpoint(path: Path, variant: str = "plain", seed: int = 0, recipe: str = "objects") -> Path:
+    """An untrained (freshly initialised) checkpoint with ``recipe``'s capacity: for tests and for checking a graph
+    before training."""
     torch.manual_seed(seed)
-    config = unet_config(variant)
-    save_checkpoint(build_unet(config), tw.ToyTextEncoder(**TEXT_CONFIG), variant, config, path,
-                    {"seed": seed, "command": "fresh (untrained)"})
+    config = unet_config(variant, recipe)
+    save_checkpoint(build_unet(config), tw.ToyTextEncoder(**text_config(recipe)), variant, config, path,
+                    {"seed": seed, "command": "fresh (untrained)"}, text_config=text_config(recipe))
     return path
 
 
