@@ -222,6 +222,14 @@ def test_recipe_metadata_and_capacity(tmp_path):
     unet, text, variant = load_checkpoint(str(path))
     assert variant == "inpaint" and text.token_embedding.num_embeddings == len(tw.VOCABULARIES[
         "shapes+backgrounds"]) + 1
+    # ToyWorldLoader's CLIP (ComfyUI's SD1 tokenizer) gives the trained encoder's states for a background caption
+    from faithful_inpaint.nodes.toy_world import load_toy_world
+
+    caption = "a red circle on a striped background"
+    with torch.inference_mode():
+        _, clip, _, _ = load_toy_world(str(path))
+        states = clip.encode_from_tokens(clip.tokenize(caption))
+        assert torch.allclose(states, text(torch.tensor([tw.tokenize(caption)]))[0], atol=1e-5)
     with pytest.raises(ValueError, match="recipe"):
         ToyWorldTask("inpaint", seed=0, recipe="nope")
 
