@@ -15,6 +15,10 @@ Latent. A cell's colour x in [0, 1]^3 becomes the model's latent z = M (2x - 1),
 orthonormal columns, so z -> x is exact (x = (M^T z + 1) / 2). ComfyUI multiplies a VAE latent by the SD1.5
 latent scale (0.18215) before the UNet sees it, so the VAE's own latent is z / 0.18215.
 
+A second world (issue 16, for a model trained the way Stable Inpainting was) adds structured backgrounds, random
+box and stroke masks, incomplete global captions with background words, prompt-neglect cases and failure kinds;
+the first world's scenes, cases and text table are unchanged.
+
 Every random draw comes from ``numpy.random.default_rng(seed)``: the same seed gives the same scene on any machine.
 """
 from __future__ import annotations
