@@ -130,14 +130,31 @@ def clip_text_embeddings(model, processor, texts: list[str]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------- metrics
 
+class FeatureTensors(torch.nn.Module):
+    """A CLIPModel whose get_image_features / get_text_features return the embedding tensor, as torchmetrics'
+    CLIPScore expects (transformers 5 returns an output object holding it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs):
+        return _features(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return _features(self.model.get_text_features(*args, **kwargs))
+
+
 class ClipScore(Metric):
     """ProFI-Painter's local CLIP score (crop = True) or BrushNet's CLIP similarity (whole image)."""
     fields = ()
 
     def __init__(self, files: MetricFiles, name="clip_score", local=True):
         self.name, self.fields, self.local = name, (name,), local
-        self.model = load_clip(files.clip)
+        model, processor = load_clip(files.clip)
+        self.model = (FeatureTensors(model), processor)
 
+    @torch.no_grad()
     def compute(self, inp: MetricInput) -> dict:
         from torchmetrics.functional.multimodal import clip_score
 
@@ -258,11 +275,12 @@ def lpips_model(net: str, backbone: str | None, random_backbone: bool = False):
     if backbone is not None:
         state = load_state_dict(backbone)
         renamed = {}
-        for i, part in enumerate(s for s in model.net.children() if isinstance(s, torch.nn.Sequential)):
-            for idx in (n for n, _ in part.named_children()):
-                for key, value in state.items():
-                    if key.startswith(f"features.{idx}."):
-                        renamed[f"slice{i + 1}.{idx}.{key[len(f'features.{idx}.'):]}"] = value
+        for key in model.net.state_dict():   # "slice1.0.weight" / "slices.0.0.weight" <- "features.0.weight"
+            parts = key.split(".")
+            feature = parts[2:] if parts[0] == "slices" else parts[1:]
+            source = "features." + ".".join(feature)
+            if source in state:
+                renamed[key] = state[source]
         expected = set(model.net.state_dict())
         if set(renamed) != expected:
             raise MetricError(f"{backbone}: not torchvision {net} weights ({len(expected - set(renamed))} of "
