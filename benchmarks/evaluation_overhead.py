@@ -1,0 +1,98 @@
+"""Harness overhead: time per case of the evaluation engine running a workflow over a dataset, against the same
+workflow run alone (the same prompts through the same warm executor, inputs staged beforehand), at toy size.
+
+    .venv/bin/python benchmarks/evaluation_overhead.py --cases 10 --steps 20
+
+The workflow is the bundled ProFI-Painter ablation base (workflows/profi_painter_ablation_base.json) with the toy
+9-channel model in place of the SD1.5 checkpoint (256 px, the toy world's cases). Both sides are warmed up by one
+case first (model load); they alternate twice (alone, harness, alone, harness) so that a change of machine load
+shows up as a difference between the repeats. The harness side includes staging the case's image and mask, the
+per-case record and output writes, and (second figure) the masked PSNR / MSE metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+from headless import host  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toy_ablation_workflow(folder: Path) -> Path:
+    """workflows/profi_painter_ablation_base.json with ToyWorldLoader (toy_world_inpaint) as its checkpoint."""
+    workflow = json.loads((ROOT / "workflows" / "profi_painter_ablation_base.json").read_text())
+    for node in workflow["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            node["type"], node["widgets_values"] = "ToyWorldLoader", ["toy_world_inpaint.safetensors"]
+    path = Path(folder) / "toy_ablation_base.json"
+    path.write_text(json.dumps(workflow))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args(argv)
+    host.start()
+    host.load_pack_nodes()
+    from evaluation import engine, generate
+    from evaluation.datasets import read_toy
+    from evaluation.metrics import MetricFiles, make_metrics
+    from headless.overrides import apply_overrides
+
+    scratch = Path(tempfile.mkdtemp(prefix="eval-overhead-"))
+    path = toy_ablation_workflow(scratch)
+    workflow = json.loads(path.read_text())
+    dataset = read_toy(args.cases + 1)
+    variant = generate.workflow_variant("base", path, {"steps": args.steps})
+    prompts = []
+    for case in dataset.cases:
+        image, mask = case.inputs()
+        prompt = copy.deepcopy(variant.settings["prompt"])
+        apply_overrides(prompt, workflow, {"image": [generate.stage_png(generate.image_png(image), "image")],
+                                           "mask": [generate.stage_png(generate.mask_png(mask), "mask")],
+                                           "prompt": [case.prompt], "seed": [case.seed]})
+        prompts.append(prompt)
+    session = generate.session()
+    session.run(prompts[0], workflow)                                # warm-up: loads the model
+    warm = dataset.cases[:1]
+    dataset.cases = dataset.cases[1:]
+    metrics = make_metrics(["psnr_unmasked", "mse_unmasked"], MetricFiles())
+
+    def alone():
+        started = time.perf_counter()
+        for prompt in prompts[1:]:
+            session.run(prompt, workflow)
+        return (time.perf_counter() - started) / args.cases
+
+    def harness(with_metrics: bool):
+        out = Path(tempfile.mkdtemp(dir=scratch))
+        started = time.perf_counter()
+        engine.run(dataset, [variant], metrics if with_metrics else [], out, progress=False)
+        return (time.perf_counter() - started) / args.cases
+
+    del warm
+    rounds = []
+    for _ in range(2):
+        rounds.append((alone(), harness(False), harness(True)))
+    generate.close_session()
+    print(f"toy world, 256 px, {args.steps} steps, {args.cases} cases; seconds per case "
+          "(alone | harness | harness + masked PSNR/MSE | overhead):")
+    for a, h, hm in rounds:
+        print(f"  {a:.3f} | {h:.3f} | {hm:.3f} | {100 * (h / a - 1):+.1f}% / {100 * (hm / a - 1):+.1f}%")
+    a, h, hm = (sum(r[i] for r in rounds) / len(rounds) for i in range(3))
+    print(f"mean: alone {a:.3f} s, harness {h:.3f} s ({100 * (h / a - 1):+.1f}%), with metrics {hm:.3f} s "
+          f"({100 * (hm / a - 1):+.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
