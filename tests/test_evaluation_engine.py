@@ -149,3 +149,25 @@ def test_workflow_runs_over_the_cases_through_one_executor(tmp_path):
 
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")),
                               (store.output_image(record) * 255).round().astype(np.uint8))
+
+
+def test_cli_compares_two_workflows_and_writes_the_report(tmp_path, capsys):
+    """`python -m evaluation run` with the same workflow twice: paired differences exactly 0, report files written;
+    an undeclared override is refused before anything runs."""
+    from evaluation.__main__ import main
+
+    wf = toy_workflow(tmp_path)
+    out = tmp_path / "out"
+    args = ["run", "--dataset", "toy:2", "--workflow", f"base={wf}", "--workflow", f"again={wf}", "--set", "steps=2",
+            "--metrics", "psnr_unmasked", "mse_unmasked", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert summary["again"]["baseline"] == "base" and summary["again"]["n"] == 2
+    assert summary["again"]["metrics"]["mse_unmasked"]["diff"][0] == 0.0
+    html = (out / "report.html").read_text()
+    assert "Paired differences" in html and html.count("data:image/png;base64") == 2      # plot and grid
+    assert "| again | base |" in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(args[:-6] + ["--set", "cfg_scale=3", "--out", str(tmp_path / "bad"), "--no-progress"]) == 1
+    assert "declares no 'cfg_scale' target" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "cases").exists()
