@@ -36,7 +36,8 @@ def common(p: argparse.ArgumentParser) -> None:
                    "brushbench:MAPPING[,BASE], editbench:MAPPING[,BASE], quadruples:DIR, toy[:N]")
     p.add_argument("--samples", type=int, help="COCO: number of sampled instances (default 10000, the paper's)")
     p.add_argument("--limit", type=int, help="evaluate only the first N cases (a quick look)")
-    p.add_argument("--seed", type=int, default=0, help="case i is sampled with seed + i (unless the dataset fixes it)")
+    p.add_argument("--seed", type=int, default=0, help="case i is sampled with seed + i (unless the dataset fixes it); "
+                   "also seeds COCO's random sample of instances")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override value for every workflow (steps=30, negative=..., a JSON value or a string)")
     p.add_argument("--out", required=True, help="folder for per-case results (resumable) and the report")
@@ -135,8 +136,6 @@ def run_variants(args):
 
 def grid(dataset, records, count):
     """Input (mask shown grey) then each variant's output, for the first ``count`` cases."""
-    from evaluation.store import RunStore  # noqa: F401  (outputs are read through the records' files)
-
     rows = []
     for i, case in enumerate(dataset.cases[:count]):
         image, mask = case.inputs()
