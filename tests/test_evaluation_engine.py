@@ -17,7 +17,7 @@ from evaluation.datasets import read_toy
 from evaluation.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = Path(__file__).parent / "fixtures" / "toy_evidence_20cases_10steps.json"
+FIXTURE = Path(__file__).parent / "fixtures" / "toy_evidence_20cases_4steps.json"
 QUICK = ["--cases", "4", "--steps", "3", "--only", "baseline", "--attention-cases", "0", "--grid-cases", "1"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
