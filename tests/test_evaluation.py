@@ -345,3 +345,30 @@ def test_clip_i_and_clip_t_of_the_subject(tiny_clip):
                                              abs=1e-3)
     same = m.compute(metric_input(output, output, mask, prompt="x", subject=output))
     assert same["clip_i"] == pytest.approx(100.0, abs=1e-3)            # the subject itself: cosine 1
+
+
+def test_a_bad_case_stops_the_run_with_nothing_of_it_written(tmp_path):
+    """Case 'b' has a mask of another size: the run stops naming it; 'a' is stored complete, 'b' not at all, and a
+    resume after the file is fixed generates only 'b'."""
+    from evaluation import engine
+
+    data = tmp_path / "data"
+    save(data / "a.png", rgb(seed=1)), save(data / "b.png", rgb(seed=2)), save(data / "m.png", box_mask())
+    save(data / "small.png", box_mask(16, 16, (2, 2, 8, 8)))
+    jsonl_folder(data, [{"id": "a", "image": "a.png", "mask": "m.png"}, {"id": "b", "image": "b.png", "mask": "small.png"}])
+    calls = []
+
+    def generate(case, image, mask, seed):                 # a stand-in generator: the input darkened in the mask
+        calls.append(case.id)
+        return engine.Output(image=np.where(mask[..., None], image * 0.5, image))
+
+    variant = engine.Variant("half", generate, {"rule": "darken"})
+    metrics = make_metrics(["mse_unmasked"], MetricFiles())
+    with pytest.raises(DatasetError, match=r"case b: image is 32x32 but mask is 16x16"):
+        engine.run(read_jsonl(data), [variant], metrics, tmp_path / "out", progress=False)
+    files = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == ["a.json", "a.png"] and calls == ["a"]
+    save(data / "small.png", box_mask())
+    records = engine.run(read_jsonl(data), [variant], metrics, tmp_path / "out", progress=False)["half"]
+    assert calls == ["a", "b"] and [r["metrics"]["mse_unmasked"] for r in records] == [0.0, 0.0]
+    assert [r["seed"] for r in records] == [0, 1]
