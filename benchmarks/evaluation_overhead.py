@@ -61,6 +61,9 @@ def main(argv=None) -> int:
                                            "mask": [generate.stage_png(generate.mask_png(mask), "mask")],
                                            "prompt": [case.prompt], "seed": [case.seed]})
         prompts.append(prompt)
+    import comfy.utils
+
+    comfy.utils.set_progress_bar_enabled(False)                     # as the engine runs cases: no sampler bars
     session = generate.session()
     session.run(prompts[0], workflow)                                # warm-up: loads the model
     warm = dataset.cases[:1]

@@ -130,8 +130,15 @@ def workflow_variant(name: str, path: str | Path, values: dict | None = None, *,
         per_case = {k: v for k, v in per_case.items() if k in declared}
         run_prompt = copy.deepcopy(prompt)
         apply_overrides(run_prompt, workflow, per_case)
+        import comfy.utils
+
+        shown = comfy.utils.PROGRESS_BAR_ENABLED
+        comfy.utils.set_progress_bar_enabled(False)     # no sampler bar per case: the engine's case bar has the ETA
         started = time.perf_counter()
-        result = session().run(run_prompt, None if api else workflow)
+        try:
+            result = session().run(run_prompt, None if api else workflow)
+        finally:
+            comfy.utils.set_progress_bar_enabled(shown)
         seconds = time.perf_counter() - started
         files = [p for node_id, i, p in result.image_files() if node_id == node]
         if not files:
