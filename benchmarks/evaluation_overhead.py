@@ -1,7 +1,7 @@
 """Harness overhead: time per case of the evaluation engine running a workflow over a dataset, against the same
 workflow run alone (the same prompts through the same warm executor, inputs staged beforehand), at toy size.
 
-    .venv/bin/python benchmarks/evaluation_overhead.py --cases 10 --steps 20
+    .venv/bin/python -m faithful_inpaint.benchmarks.evaluation_overhead --cases 10 --steps 20
 
 The workflow is the bundled ProFI-Painter ablation base (workflows/profi_painter_ablation_base.json) with the toy
 9-channel model in place of the SD1.5 checkpoint (256 px, the toy world's cases). Both sides are warmed up by one
@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-from headless import host  # noqa: E402
+from faithful_inpaint.devtools import host
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,10 +44,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     host.start()
     host.load_pack_nodes()
-    from evaluation import engine, generate
-    from evaluation.datasets import read_toy
-    from evaluation.metrics import MetricFiles, make_metrics
-    from headless.overrides import apply_overrides
+    from faithful_inpaint.evaluation import engine, generate
+    from faithful_inpaint.evaluation.datasets import read_toy
+    from faithful_inpaint.evaluation.metrics import MetricFiles, make_metrics
+    from faithful_inpaint.headless.overrides import apply_overrides
 
     scratch = Path(tempfile.mkdtemp(prefix="eval-overhead-"))
     path = toy_ablation_workflow(scratch)

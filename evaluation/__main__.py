@@ -1,12 +1,12 @@
-"""Evaluate workflows on a benchmark: ``python -m evaluation run|table ...`` (docs/evaluation.md).
+"""Evaluate workflows on a benchmark: ``python -m faithful_inpaint.evaluation run|TABLE ...`` (docs/evaluation.md).
 
-    python -m evaluation run --dataset folder:my_bench --workflow base=workflows/profi_painter_ablation_base.json \\
+    python -m faithful_inpaint.evaluation run --dataset folder:my_bench --workflow base=workflows/profi_painter_ablation_base.json \\
         --workflow painta=workflows/profi_painter_ablation_painta.json --set ckpt=/models/sd15-inpainting.safetensors \\
         --metrics psnr_unmasked clip_score --clip /models/clip-vit-base-patch16 --out runs/mine
-    python -m evaluation table profi-painter --dataset coco:annotations/instances_val2017.json,val2017 \\
+    python -m faithful_inpaint.evaluation profi-painter --dataset coco:annotations/instances_val2017.json,val2017 \\
         --ckpt dreamshaper_8Inpainting.safetensors --clip clip-vit-base-patch16 --aesthetic-clip clip-vit-large-patch14 \\
         --aesthetic sac+logos+ava1-l14-linearMSE.pth --out runs/profi
-    accelerate launch --num_processes 4 -m evaluation table ...     # sharded: process i of N takes its share
+    accelerate launch --num_processes 4 -m faithful_inpaint.evaluation profi-painter ...  # sharded: process i of N takes its share
 
 A killed run resumes: run the same command again. Exit status 0, 1 on an error (one ``error:`` line naming the case
 or file), 3 when other shards have not finished yet (the last one to finish writes the report).
@@ -19,14 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from evaluation import engine, report  # noqa: E402
-from evaluation.datasets import DatasetError, open_dataset  # noqa: E402
-from evaluation.metrics import METRICS, MetricError, MetricFiles, make_metrics  # noqa: E402
-from evaluation.tables import FILE_OPTIONS, TABLES  # noqa: E402
-from headless import host  # noqa: E402
+from faithful_inpaint.evaluation import engine, report
+from faithful_inpaint.evaluation.datasets import DatasetError, open_dataset
+from faithful_inpaint.evaluation.metrics import METRICS, MetricError, MetricFiles, make_metrics
+from faithful_inpaint.evaluation.tables import FILE_OPTIONS, TABLES
+from faithful_inpaint.devtools import host
 
 WORKFLOWS = host.PACK_ROOT / "workflows"
 
@@ -73,7 +70,7 @@ def parse_sets(items) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m faithful_inpaint.evaluation", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="any workflows on any dataset")
@@ -99,8 +96,8 @@ def parse_args(argv=None):
 
 
 def table_variants(args, table):
-    from evaluation.generate import workflow_variant
-    from headless.run import stage_model
+    from faithful_inpaint.evaluation.generate import workflow_variant
+    from faithful_inpaint.headless.run import stage_model
 
     rows = [r for r in table.rows if not args.only or r.name in args.only]
     names = {r.name for r in rows} | {r.baseline for r in rows if r.baseline}
@@ -120,7 +117,7 @@ def table_variants(args, table):
 
 
 def run_variants(args):
-    from evaluation.generate import workflow_variant
+    from faithful_inpaint.evaluation.generate import workflow_variant
 
     sets = parse_sets(args.set)
     pairs = []
@@ -162,9 +159,9 @@ def records_image(record):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from headless.execute import RunError
-    from headless.overrides import OverrideError
-    from headless.ui_to_api import WorkflowError
+    from faithful_inpaint.headless.execute import RunError
+    from faithful_inpaint.headless.overrides import OverrideError
+    from faithful_inpaint.headless.ui_to_api import WorkflowError
 
     table = TABLES.get(getattr(args, "table", None) or "")
     try:
@@ -182,7 +179,7 @@ def main(argv=None) -> int:
             engine.run(dataset, variants, metrics, args.out, base_seed=args.seed, shard_index=index,
                        shard_count=count, progress=not args.no_progress)
         finally:
-            from evaluation.generate import close_session
+            from faithful_inpaint.evaluation.generate import close_session
 
             close_session()
         engine.wait_for_everyone()
@@ -195,7 +192,7 @@ def main(argv=None) -> int:
     except (DatasetError, MetricError, WorkflowError, OverrideError, RunError, host.HostNotFound, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    from evaluation.store import RunStore
+    from faithful_inpaint.evaluation.store import RunStore
 
     for v in variants:
         folder = RunStore(args.out, v.name, engine.variant_key(v, dataset, args.seed)).folder

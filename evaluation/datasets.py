@@ -246,7 +246,7 @@ TOY_SEED = 10_000        # the first toy case's seed (benchmarks/toy_evidence.py
 def read_toy(n: int, seed: int = TOY_SEED) -> Dataset:
     """The toy world's paired cases; ``meta['toy']`` is the kernels.toy_world.InpaintCase (its seed is the case's).
     Case i does not depend on ``n``, so a longer run reuses a shorter one's results."""
-    from kernels import toy_world as tw
+    from faithful_inpaint.kernels import toy_world as tw
 
     cases = []
     for i, tc in enumerate(tw.make_cases(n, seed)):

@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .datasets import Case, Dataset
-from .store import RunStore, run_key
+from faithful_inpaint.evaluation.datasets import Case, Dataset
+from faithful_inpaint.evaluation.store import RunStore, run_key
 
 
 @dataclass

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from headless.execute import PromptSession
-from headless.overrides import apply_overrides, declared_targets
-from headless.ui_to_api import WorkflowError, convert
+from faithful_inpaint.headless.execute import PromptSession
+from faithful_inpaint.headless.overrides import apply_overrides, declared_targets
+from faithful_inpaint.headless.ui_to_api import WorkflowError, convert
 
-from .datasets import Case
-from .engine import Output, Variant
+from faithful_inpaint.evaluation.datasets import Case
+from faithful_inpaint.evaluation.engine import Output, Variant
 
 _session: PromptSession | None = None
 
@@ -42,7 +42,7 @@ def close_session() -> None:
 
 
 def load_workflow(path: str | Path) -> dict:
-    from headless.run import load_workflow as load
+    from faithful_inpaint.headless.run import load_workflow as load
 
     try:
         return load(str(path))

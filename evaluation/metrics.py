@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import Metric, MetricInput
+from faithful_inpaint.evaluation.engine import Metric, MetricInput
 
 
 class MetricError(ValueError):
@@ -353,7 +353,7 @@ class ToyBlobs(Metric):
     name, fields = "toy", ("present", "dominant", "shape_ok", "mae", "changed", "blob_cells", "shape")
 
     def compute(self, inp: MetricInput) -> dict:
-        from kernels import toy_world as tw
+        from faithful_inpaint.kernels import toy_world as tw
 
         score = tw.score_case(inp.array, inp.case.meta["toy"])
         return {k: plain(v) for k, v in score.items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import mean_interval, paired_difference, rate
+from faithful_inpaint.evaluation.stats import mean_interval, paired_difference, rate
 
 TIME_FIELDS = ("seconds", "peak_rss_bytes", "peak_gpu_bytes")
 

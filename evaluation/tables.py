@@ -1,6 +1,6 @@
 """One command per paper table: the rows (bundled workflows + settings), the files each row needs (which ComfyUI
 models folder they go to), the dataset and metrics of the paper's protocol, and the paper's published numbers
-where our protocol matches it. ``python -m evaluation table NAME --help``; the README lists the files."""
+where our protocol matches it. ``python -m faithful_inpaint.evaluation NAME --help``; the README lists the files."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

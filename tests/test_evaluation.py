@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import stats
-from evaluation.datasets import (DatasetError, convex_hull_mask, open_dataset, read_brushbench, read_coco,
+from faithful_inpaint.evaluation import stats
+from faithful_inpaint.evaluation.datasets import (DatasetError, convex_hull_mask, open_dataset, read_brushbench, read_coco,
                                  read_jsonl, read_quadruples, rle_decode)
-from evaluation.engine import MetricInput
-from evaluation.metrics import (AestheticMLP, MetricError, MetricFiles, lpips_model, make_metrics)
+from faithful_inpaint.evaluation.engine import MetricInput
+from faithful_inpaint.evaluation.metrics import (AestheticMLP, MetricError, MetricFiles, lpips_model, make_metrics)
 
 # ------------------------------------------------------------------------------------------------ statistics
 
@@ -174,7 +174,7 @@ def test_quadruple_folder(tmp_path):
 
 
 def metric_input(image, output, mask, prompt="a photo", class_name=None, subject=None):
-    from evaluation.datasets import Case
+    from faithful_inpaint.evaluation.datasets import Case
 
     case = Case("c", prompt, 0, lambda: image, lambda: mask, (lambda: subject) if subject is not None else None,
                 class_name=class_name)
@@ -350,7 +350,7 @@ def test_clip_i_and_clip_t_of_the_subject(tiny_clip):
 def test_a_bad_case_stops_the_run_with_nothing_of_it_written(tmp_path):
     """Case 'b' has a mask of another size: the run stops naming it; 'a' is stored complete, 'b' not at all, and a
     resume after the file is fixed generates only 'b'."""
-    from evaluation import engine
+    from faithful_inpaint.evaluation import engine
 
     data = tmp_path / "data"
     save(data / "a.png", rgb(seed=1)), save(data / "b.png", rgb(seed=2)), save(data / "m.png", box_mask())

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import toy_evidence as ev
-from evaluation import engine
-from evaluation.datasets import read_toy
-from evaluation.store import RunStore
+from faithful_inpaint.benchmarks import toy_evidence as ev
+from faithful_inpaint.evaluation import engine
+from faithful_inpaint.evaluation.datasets import read_toy
+from faithful_inpaint.evaluation.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).parent / "fixtures" / "toy_evidence_20cases_4steps.json"
@@ -99,9 +99,9 @@ def test_a_half_written_record_is_not_trusted(uninterrupted, tmp_path):
 def test_two_processes_give_the_single_process_results(uninterrupted, tmp_path):
     """torchrun starts 2 CPU processes; accelerate's PartialState (gloo) gives each its index; each runs its share,
     rank 0 merges after the barrier."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-           str(ROOT / "benchmarks" / "toy_evidence.py")] + QUICK + ["--out", str(tmp_path)]
+           "-m", "faithful_inpaint.benchmarks.toy_evidence"] + QUICK + ["--out", str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "shard 1/2" in done.stderr or "shard 2/2" in done.stderr
@@ -111,7 +111,7 @@ def test_two_processes_give_the_single_process_results(uninterrupted, tmp_path):
 
 
 def toy_workflow(tmp_path) -> Path:
-    from benchmarks.evaluation_overhead import toy_ablation_workflow
+    from faithful_inpaint.benchmarks.evaluation_overhead import toy_ablation_workflow
 
     return toy_ablation_workflow(tmp_path)
 
@@ -119,10 +119,10 @@ def toy_workflow(tmp_path) -> Path:
 def test_workflow_runs_over_the_cases_through_one_executor(tmp_path):
     import copy
 
-    from evaluation import generate
-    from evaluation.metrics import make_metrics, MetricFiles
-    from headless.execute import run_prompt
-    from headless.overrides import apply_overrides
+    from faithful_inpaint.evaluation import generate
+    from faithful_inpaint.evaluation.metrics import make_metrics, MetricFiles
+    from faithful_inpaint.headless.execute import run_prompt
+    from faithful_inpaint.headless.overrides import apply_overrides
 
     dataset = read_toy(2)
     variant = generate.workflow_variant("base", toy_workflow(tmp_path), {"steps": 3})
@@ -154,7 +154,7 @@ def test_workflow_runs_over_the_cases_through_one_executor(tmp_path):
 def test_cli_compares_two_workflows_and_writes_the_report(tmp_path, capsys):
     """`python -m evaluation run` with the same workflow twice: paired differences exactly 0, report files written;
     an undeclared override is refused before anything runs."""
-    from evaluation.__main__ import main
+    from faithful_inpaint.evaluation.__main__ import main
 
     wf = toy_workflow(tmp_path)
     out = tmp_path / "out"
