@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import textwrap
@@ -35,11 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from faithful_inpaint.devtools import host
+from faithful_inpaint.evaluation import engine
+from faithful_inpaint.evaluation.datasets import read_toy
+from faithful_inpaint.evaluation.metrics import ToyBlobs
+from faithful_inpaint.evaluation.stats import mean_interval, paired_difference, rate
+from faithful_inpaint.evaluation.store import RunStore
 from faithful_inpaint.kernels import masks
 from faithful_inpaint.kernels import toy_world as tw
 
 METRICS = ("present", "dominant", "shape_ok")
-WORLDS = {"objects": tw.make_cases, "neglect": tw.make_neglect_cases}   # --world: the cases' generator
 DEFAULT_SEED = 10_000     # the first case's seed
 TOY_FILES = {"inpaint": "toy_world_inpaint.safetensors", "plain": "toy_world.safetensors"}
 
@@ -311,38 +316,44 @@ def run_case(models: ToyModels, mechanism: Mechanism, case: tw.InpaintCase, step
     return cells.numpy(), seconds
 
 
+@functools.lru_cache(maxsize=None)
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def toy_variant(mechanism: Mechanism, load_models: Callable[[], ToyModels], toy_dir: Path, steps: int,
+                cfg: float, model_files: dict | None = None) -> engine.Variant:
+    """The mechanism as an evaluation variant: sampled by :func:`run_case`, the result cells kept exactly; the run
+    key covers the mechanism, the sampling settings and the toy files it reads (``model_files`` as ToyModels.load)."""
+    files = ({**TOY_FILES, **(model_files or {})}[mechanism.model],) + mechanism.files
+    settings = {"toy mechanism": mechanism.name, "steps": steps, "cfg": cfg, "text": mechanism.text,
+                "files": {f: file_digest(toy_dir / f) for f in files if (toy_dir / f).is_file()}}
+
+    def generate(case, image, mask, seed):
+        with torch.inference_mode():
+            cells, seconds = run_case(load_models(), mechanism, case.meta["toy"], steps, cfg)
+        return engine.Output(array=cells, seconds=seconds)
+
+    return engine.Variant(mechanism.name, generate, settings, mechanism.baseline)
+
+
+def case_row(record: dict, case: tw.InpaintCase) -> dict:
+    """The harness's per-case row from an evaluation record."""
+    return {"case": case.seed, "kind": case.kind, "prompt": case.prompt, "seconds": record["seconds"],
+            **record["metrics"]}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Statistics
 
 
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
-
-
-def mean_interval(values, z: float = 1.96) -> tuple[float, float, float]:
-    """(mean, low, high): normal 95% interval of the mean (for paired differences and continuous metrics)."""
-    x = np.asarray(values, float)
-    if len(x) == 0:
-        return (math.nan, math.nan, math.nan)
-    half = z * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else math.nan
-    return (float(x.mean()), float(x.mean() - half), float(x.mean() + half))
-
-
 def summarise(rows: list[dict], baseline_rows: list[dict] | None) -> dict:
     """Rates with Wilson intervals and, against the baseline's rows of the same cases, paired differences."""
-    n = len(rows)
-    out = {"n": n}
+    out = {"n": len(rows)}
     for m in METRICS:
-        k = sum(bool(r[m]) for r in rows)
-        out[m] = (k / n, *wilson(k, n))
+        out[m] = rate([r[m] for r in rows])
         if baseline_rows is not None:
-            out[f"{m}_diff"] = mean_interval([float(r[m]) - float(b[m]) for r, b in zip(rows, baseline_rows)])
+            out[f"{m}_diff"] = paired_difference([float(r[m]) for r in rows], [float(b[m]) for b in baseline_rows])
     out["mae"] = mean_interval([r["mae"] for r in rows])
     out["changed"] = mean_interval([r["changed"] for r in rows])
     out["seconds"] = mean_interval([r["seconds"] for r in rows])
@@ -507,7 +518,7 @@ def main(argv=None) -> int:
     p.add_argument("--attention-cases", type=int, default=20, help="cases for the attention statistics (0: skip)")
     p.add_argument("--grid-cases", type=int, default=12)
     p.add_argument("--toy-dir", help="folder searched first for toy_world*.safetensors (default: the pack's toy/)")
-    p.add_argument("--world", default="objects", choices=sorted(WORLDS),
+    p.add_argument("--world", default="objects", choices=sorted(tw.WORLDS),
                    help="objects: make_cases (mask on empty background or next to an object); neglect: "
                         "make_neglect_cases (structured backgrounds, prompted object absent, neighbour partly masked)")
     p.add_argument("--inpaint-checkpoint", default=TOY_FILES["inpaint"],
@@ -515,7 +526,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention-only", action="store_true",
                    help="only the attention statistics of the 9-channel baseline on --attention-cases cases "
                         "(attention.md in --out), then exit")
-    p.add_argument("--out", default="runs/evidence")
+    p.add_argument("--out", default="runs/evidence", help="report and per-case results (a killed run resumes)")
+    p.add_argument("--shard-index", type=int, help="this process's share (default: accelerate's process index)")
+    p.add_argument("--shard-count", type=int, help="number of shares (default: accelerate's process count)")
     args = p.parse_args(argv)
 
     chosen = [m for m in MECHANISMS if not args.only or m.name in args.only]
@@ -534,7 +547,6 @@ def main(argv=None) -> int:
 
     host.start()
     host.load_pack_nodes()
-    import comfy.utils
     import folder_paths
 
     if args.toy_dir:
@@ -548,35 +560,52 @@ def main(argv=None) -> int:
         p.error(f"missing in {toy_dir}: {missing}; train them (toy/README.md) or leave their mechanisms out with "
                 f"--only")
 
-    cases = WORLDS[args.world](max(args.cases, args.attention_cases * args.attention_only), args.seed)
-    with torch.inference_mode():
-        if args.attention_only:
-            models = ToyModels.load({"inpaint"}, {"inpaint": args.inpaint_checkpoint})
-            attention = attention_statistics(models, cases[:args.attention_cases], args.steps, args.cfg)
-            text = "\n".join([f"# Self-attention of {args.inpaint_checkpoint} on {args.attention_cases} {args.world} "
-                              f"cases (masked query pixels, conditional pass, {args.steps} steps)", ""]
-                             + attention_table(attention))
-            (out / "attention.md").write_text(text + "\n")
-            print(text)
-            return 0
-        models = ToyModels.load({m.model for m in chosen}, {"inpaint": args.inpaint_checkpoint})
-        attention = []
-        if args.attention_cases and "inpaint" in models.loaded:
-            attention = attention_statistics(models, cases[:args.attention_cases], args.steps, args.cfg)
-        rows, results = {}, {}
-        bar = comfy.utils.ProgressBar(len(chosen) * len(cases))
-        for mechanism in chosen:
-            rows[mechanism.name], results[mechanism.name] = [], []
-            for i, case in enumerate(cases):
-                cells, seconds = run_case(models, mechanism, case, args.steps, args.cfg)
-                score = tw.score_case(cells, case)
-                score["failure"] = tw.failure_kind(cells, case, score)
-                rows[mechanism.name].append({"case": case.seed, "kind": case.kind, "prompt": case.prompt,
-                                             "seconds": seconds, **score})
-                results[mechanism.name].append(cells)
-                bar.update(1)
-            print(f"{mechanism.name}: present {np.mean([r['present'] for r in rows[mechanism.name]]):.3f}, "
-                  f"{np.mean([r['seconds'] for r in rows[mechanism.name]]):.2f} s/image", flush=True)
+    files = {"inpaint": args.inpaint_checkpoint}
+    if args.attention_only:
+        cases = tw.WORLDS[args.world](args.attention_cases, args.seed)
+        with torch.inference_mode():
+            models = ToyModels.load({"inpaint"}, files)
+            attention = attention_statistics(models, cases, args.steps, args.cfg)
+        text = "\n".join([f"# Self-attention of {args.inpaint_checkpoint} on {args.attention_cases} {args.world} "
+                          f"cases (masked query pixels, conditional pass, {args.steps} steps)", ""]
+                         + attention_table(attention))
+        (out / "attention.md").write_text(text + "\n")
+        print(text)
+        return 0
+
+    dataset = read_toy(args.cases, args.seed, world=args.world)
+    cases = [c.meta["toy"] for c in dataset.cases]
+    models = None
+
+    def load_models():
+        nonlocal models
+        if models is None:
+            with torch.inference_mode():
+                models = ToyModels.load({m.model for m in chosen}, files)
+        return models
+
+    variants = [toy_variant(m, load_models, toy_dir, args.steps, args.cfg, files) for m in chosen]
+    index, count = engine.process_shard(args.shard_index, args.shard_count)
+    engine.run(dataset, variants, [ToyBlobs()], out, shard_index=index, shard_count=count)
+    engine.wait_for_everyone()
+    if index != 0:
+        return 0
+    try:
+        records = engine.collect(dataset, variants, out)
+    except engine.IncompleteRun as error:
+        print(f"shard {index} of {count} done; {error}")
+        return 3
+    rows, results = {}, {}
+    for variant in variants:
+        store = RunStore(out, variant.name, engine.variant_key(variant, dataset, 0))
+        rows[variant.name] = [case_row(r, c) for r, c in zip(records[variant.name], cases)]
+        results[variant.name] = [store.output_array(r) for r in records[variant.name]]
+        print(f"{variant.name}: present {np.mean([r['present'] for r in rows[variant.name]]):.3f}, "
+              f"{np.mean([r['seconds'] for r in rows[variant.name]]):.2f} s/image", flush=True)
+    attention = []
+    if args.attention_cases and any(m.model == "inpaint" for m in chosen):
+        with torch.inference_mode():
+            attention = attention_statistics(load_models(), cases[:args.attention_cases], args.steps, args.cfg)
 
     summaries = {}
     for mechanism in chosen:

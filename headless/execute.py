@@ -140,39 +140,65 @@ def release_models(executor) -> None:
     comfy.model_management.soft_empty_cache()
 
 
-def run_prompt(prompt: dict, workflow: Mapping | None = None,
-               on_message: Callable[[str, dict], None] | None = None) -> RunResult:
-    """Validate and execute ``prompt``; return its outputs or raise :class:`RunError`."""
-    import execution
+class PromptSession:
+    """One ``PromptExecutor`` for many prompts, as ComfyUI's server keeps one: checkpoint loaders and every node
+    whose inputs did not change are served from its cache, so a batch of prompts loads its models once.
+    :meth:`close` (or leaving the ``with`` block) releases what it holds (:func:`release_models`)."""
 
-    prompt_id = str(uuid.uuid4())
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    if not valid or node_errors:  # the UI would still run the valid outputs; a batch run fails instead
-        error = error or {"message": "some outputs failed validation"}
-        raise RunError(format_validation_error(prompt, error, node_errors))
-    server = HeadlessServer(on_message)
-    server.last_prompt_id = prompt_id
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
-    extra_data = {"client_id": CLIENT_ID}
-    if workflow is not None:
-        extra_data["extra_pnginfo"] = {"workflow": workflow}
-    import comfy.utils
+    def __init__(self, on_message: Callable[[str, dict], None] | None = None):
+        import execution
 
-    previous_hook = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(_progress_hook(server))
-    try:
-        executor.execute(prompt, prompt_id, extra_data, outputs)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous_hook)
+        self.server = HeadlessServer(on_message)
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        release_models(self.executor)
+
+    def run(self, prompt: dict, workflow: Mapping | None = None) -> RunResult:
+        """Validate and execute ``prompt``; return its outputs or raise :class:`RunError`."""
+        import comfy.utils
+        import execution
+
+        prompt_id = str(uuid.uuid4())
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid or node_errors:  # the UI would still run the valid outputs; a batch run fails instead
+            error = error or {"message": "some outputs failed validation"}
+            raise RunError(format_validation_error(prompt, error, node_errors))
+        server, executor = self.server, self.executor
+        server.messages, server.last_prompt_id = [], prompt_id
+        executor.success, executor.history_result = True, {}
+        extra_data = {"client_id": CLIENT_ID}
+        if workflow is not None:
+            extra_data["extra_pnginfo"] = {"workflow": workflow}
+        previous_hook = comfy.utils.PROGRESS_BAR_HOOK
+        comfy.utils.set_progress_bar_global_hook(_progress_hook(server))
+        try:
+            executor.execute(prompt, prompt_id, extra_data, outputs)
+        finally:
+            comfy.utils.set_progress_bar_global_hook(previous_hook)
         messages, success = list(executor.status_messages), executor.success
         history = dict(getattr(executor, "history_result", None) or {})
-        release_models(executor)
-    for event, data in messages:
-        if event == "execution_error":
-            raise RunError(format_execution_error(prompt, data))
-        if event == "execution_interrupted":
-            raise RunInterrupted(f"Interrupted at node {data.get('node_id')} ({_title(prompt, data.get('node_id'))})")
-    if not success:
-        raise RunError("ComfyUI reported failure without an error message")
-    return RunResult(prompt_id, history.get("outputs", {}), server.messages)
+        for event, data in messages:
+            if event == "execution_error":
+                raise RunError(format_execution_error(prompt, data))
+            if event == "execution_interrupted":
+                raise RunInterrupted(f"Interrupted at node {data.get('node_id')} "
+                                     f"({_title(prompt, data.get('node_id'))})")
+        if not success:
+            raise RunError("ComfyUI reported failure without an error message")
+        return RunResult(prompt_id, history.get("outputs", {}), server.messages)
+
+
+def run_prompt(prompt: dict, workflow: Mapping | None = None,
+               on_message: Callable[[str, dict], None] | None = None) -> RunResult:
+    """Validate and execute ``prompt`` in a fresh :class:`PromptSession`, released afterwards; return its outputs
+    or raise :class:`RunError`."""
+    with PromptSession(on_message) as session:
+        return session.run(prompt, workflow)

@@ -419,6 +419,9 @@ def make_neglect_cases(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> list[
     return [make_neglect_case(seed + i, CASE_KINDS[i % 2], size) for i in range(n)]
 
 
+WORLDS = {"objects": make_cases, "neglect": make_neglect_cases}   # the evaluation cases of each world, by name
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Scorer: objects are connected blobs of the prompted colour, not pixel counts
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from faithful_inpaint.devtools import host
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("kernels", "patching", "nodes", "headless", "devtools", "training", "benchmarks")
+PACKAGES = ("kernels", "patching", "nodes", "headless", "devtools", "training", "evaluation", "benchmarks")
 
 # what each package may import from the pack (itself included); ComfyUI's own modules are checked separately
 ALLOWED = {
@@ -18,6 +18,7 @@ ALLOWED = {
     "devtools": {"kernels", "patching", "devtools"},
     "headless": {"kernels", "patching", "devtools", "headless"},
     "training": {"kernels", "patching", "devtools", "training"},
+    "evaluation": {"kernels", "patching", "devtools", "headless", "evaluation"},
     "benchmarks": set(PACKAGES),
 }
 

@@ -1,7 +1,6 @@
-"""The evidence harness (benchmarks/toy_evidence.py): its statistics, its scoring of constructed results and its
-positive-control attention patch."""
-import math
-
+"""The evidence harness (benchmarks/toy_evidence.py): its scoring of constructed results and its positive-control
+attention patch (its statistics are evaluation/stats.py, tested in test_evaluation.py; its engine in
+test_evaluation_engine.py)."""
 import numpy as np
 import pytest
 import torch
@@ -10,20 +9,6 @@ from faithful_inpaint.benchmarks import toy_evidence as ev
 from faithful_inpaint.devtools.random_models import build_model
 from helpers import forward
 from faithful_inpaint.kernels import toy_world as tw
-
-
-def test_wilson_interval_matches_hand_values():
-    low, high = ev.wilson(50, 100)
-    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
-    low, high = ev.wilson(0, 20)                    # never negative, and not degenerate at 0 successes
-    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.1611, abs=1e-4)
-
-
-def test_mean_interval_of_paired_differences():
-    mean, low, high = ev.mean_interval([1, 0, 1, 0])
-    half = 1.96 * np.std([1, 0, 1, 0], ddof=1) / 2
-    assert (mean, low, high) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
-    assert math.isnan(ev.mean_interval([1.0])[1])   # one value: no interval, not a fake zero-width one
 
 
 def painted(case, colour=None, shape=None):
