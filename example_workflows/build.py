@@ -1,10 +1,16 @@
-"""Writes the bundled workflows (UI format, the JSON ComfyUI saves and users share).
+"""Writes the bundled workflows (UI format, the JSON ComfyUI saves and users share) into example_workflows/.
 
-    python workflows/build.py        # rewrites workflows/*.json
+    python example_workflows/build.py            # rewrites example_workflows/*.json
+    python example_workflows/build.py --measure  # first asks the real UI for its node sizes (node_sizes.json) and
+                                                 # takes a thumbnail of each workflow as it opens (<name>.jpg)
 
-The JSON files are the product; this script keeps their variants (the paper's ablation rows) consistent. Each
-workflow declares the runner's override targets and smoke-mode models in ``extra.faithful_inpaint``
-(see headless/overrides.py).
+The JSON files are the product; this script keeps their variants (the paper's ablation rows) consistent and lays
+them out: one group per stage (inputs, the mechanism, sampling, decode and paste), left to right, nodes stacked in
+columns at the sizes the frontend gives them (node_sizes.json, measured in the browser: the frontend enlarges a node
+saved smaller than it needs), a note with the paper's settings and the files to download, a saved view that opens on
+the note and the inputs at a zoom where the canvas draws text, and the frontend's ``models`` property on every loader
+of a public file (the UI offers the downloads). Each workflow declares the runner's override targets and smoke-mode
+models in ``extra.faithful_inpaint`` (see headless/overrides.py).
 """
 from __future__ import annotations
 
@@ -14,28 +20,108 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # lets workflows/build_<mechanism>.py import these helpers as `build`
+sys.path.insert(0, str(HERE))  # lets example_workflows/build_<mechanism>.py import these helpers as `build`
 
 NEGATIVE = "blurry, low quality, deformed, watermark"
 PROMPT = "a blue vase with flowers"
+# The example inputs (example_inputs/, copied into ComfyUI's input/faithful-inpaint/ when the pack loads).
+EXAMPLE_IMAGE, EXAMPLE_MASK = "faithful-inpaint/coffee.jpg", "faithful-inpaint/coffee_mask.png"
+EXAMPLE_SUBJECT = "faithful-inpaint/chelsea_subject.jpg"
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SD15_INPAINT = "sd-v1-5-inpainting.safetensors"
+
+# Every public file a workflow names: ComfyUI model folder and where to get it. Graph.node puts the matching entries
+# in the loader's ``properties.models`` (the frontend's missing-models dialog) and the note lists them.
+MODELS = {
+    SD15_INPAINT: ("checkpoints", "https://huggingface.co/webui/stable-diffusion-inpainting/resolve/main/"
+                                  "sd-v1-5-inpainting.safetensors"),
+    SD15: ("checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                          "v1-5-pruned-emaonly-fp16.safetensors"),
+    "x4-upscaler-ema.safetensors": ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-x4-upscaler/"
+                                                   "resolve/main/x4-upscaler-ema.safetensors"),
+    "control_v11p_sd15_canny_fp16.safetensors": ("controlnet", "https://huggingface.co/comfyanonymous/"
+                                                 "ControlNet-v1-1_fp16_safetensors/resolve/main/"
+                                                 "control_v11p_sd15_canny_fp16.safetensors"),
+    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": ("clip_vision", "https://huggingface.co/h94/IP-Adapter/resolve/"
+                                                    "main/models/image_encoder/model.safetensors"),
+    "ip-adapter_sd15.safetensors": ("ipadapter", "https://huggingface.co/h94/IP-Adapter/resolve/main/models/"
+                                                 "ip-adapter_sd15.safetensors"),
+    "ip-adapter-plus_sd15.safetensors": ("ipadapter", "https://huggingface.co/h94/IP-Adapter/resolve/main/models/"
+                                                      "ip-adapter-plus_sd15.safetensors"),
+    "brushnet/random_mask_brushnet_ckpt/diffusion_pytorch_model.safetensors": (
+        "inpaint", "https://huggingface.co/LiuZichen/MagicQuill-models/resolve/main/inpaint/brushnet/"
+                   "random_mask_brushnet_ckpt/diffusion_pytorch_model.safetensors"),
+    "powerpaint/diffusion_pytorch_model.safetensors": (
+        "inpaint", "https://huggingface.co/JunhaoZhuang/PowerPaint-v2-1/resolve/main/PowerPaint_Brushnet/"
+                   "diffusion_pytorch_model.safetensors"),
+    "powerpaint/pytorch_model.bin": (
+        "inpaint", "https://huggingface.co/JunhaoZhuang/PowerPaint-v2-1/resolve/main/PowerPaint_Brushnet/"
+                   "pytorch_model.bin"),
+}
+# Files this pack trains (no public download): the note says how to make them.
+TRAINED = {
+    "painternet_sd15.safetensors": ("inpaint", "training/train_branch.py --recipe painternet, docs/brush-branches.md"),
+    "mtadiffusion_sd15.safetensors": ("inpaint", "training/train_branch.py --recipe mtadiffusion, "
+                                                 "docs/brush-branches.md"),
+    "refinenet_sd15-inpainting.safetensors": ("refinenet", "training/lar_gen.py --stage 2, docs/lar-gen.md"),
+}
+
+# Stages, left to right; each is a group. A node's stage follows its type unless the builder names one.
+STAGES = {"inputs": "1. Inputs: model, image, mask, prompts", "mechanism": "2. {mechanism}",
+          "sampling": "3. Sampling", "output": "4. Decode and paste", "upscale": "5. x4 super-resolution"}
+STAGE_COLORS = {"inputs": "#3f789e", "mechanism": "#a1309b", "sampling": "#8A8", "output": "#b58b2a",
+                "upscale": "#88A"}
+STAGE_OF_TYPE = {
+    **dict.fromkeys(("CheckpointLoaderSimple", "LoadImage", "LoadImageMask", "CLIPTextEncode", "ToyWorldLoader",
+                     "ToyWorldScene", "CLIPVisionLoader", "ImagePromptAdapterLoader", "ControlNetLoader",
+                     "BrushBranchLoader", "RefineNetLoader", "GrowMask", "InpaintCropAroundMask"), "inputs"),
+    **dict.fromkeys(("InpaintModelConditioning", "VAEEncode", "SetLatentNoiseMask", "KSampler", "SamplerCustom",
+                     "BasicScheduler", "KSamplerSelect", "RASGSampler", "PILOTSampler"), "sampling"),
+    **dict.fromkeys(("VAEDecode", "ImageCompositeMasked", "SaveImage", "InpaintStitch", "ImageStitch", "MaskToImage",
+                     "ImageBlur", "ImageToMask", "MaskComposite"), "output"),
+}
+TITLE_H, GAP_X, GAP_Y, GROUP_PAD, GROUP_HEAD = 30, 40, 30, 20, 50   # px, the frontend's title bar is 30 px
+NOTE_SIZE = [460, 640]
+VIEW_SCALE = 0.9            # the canvas stops drawing text below a 8 px font (LiteGraph.Canvas.MinFontSizeForLOD):
+                            # 14 px node text needs a zoom of 0.58 or more
+VIEW_OFFSET = [60, 110]    # graph units: the window's top-left corner shows graph point (-60, -110)
+MIN_SIZE = [300, 60]
+# Room beyond the measured minimum: prompt text boxes, image previews (loaders show their image; results appear in
+# preview and save nodes after a run, which would otherwise grow over their neighbours).
+TYPE_MIN = {"CLIPTextEncode": [300, 130], "LoadImage": [300, 340], "LoadImageMask": [300, 360],
+            "PreviewImage": [300, 300], "SaveImage": [300, 320]}
+THUMBNAIL_WIDTH, THUMBNAIL_CLIP = 480, {"x": 60, "y": 80, "width": 1280, "height": 800}
+OUT = HERE                  # where save() writes (build_all(out) for the test that compares)
+SIZES_FILE = HERE / "layout" / "node_sizes.json"   # not beside the workflows: ComfyUI lists every *.json there
+
+
+def _measured_sizes() -> dict:
+    return json.loads(SIZES_FILE.read_text()) if SIZES_FILE.exists() else {}
 
 
 class Graph:
-    """Minimal UI-format graph: nodes with widget values, typed links, positions laid out left to right."""
+    """A UI-format graph: nodes with widget values and typed links; ``save`` lays them out by stage."""
 
-    def __init__(self):
-        self.nodes, self.links = [], []
+    def __init__(self, mechanism: str):
+        self.nodes, self.links, self.mechanism = [], [], mechanism
+        self.layout_hints = {}
 
-    def node(self, type_, widgets=(), title=None, inputs=(), outputs=(), col=0, row=0):
+    def node(self, type_, widgets=(), title=None, inputs=(), outputs=(), col=0, row=0, stage=None):
+        """Add a node; ``col``/``row`` order it inside its stage's group (columns left to right, rows downwards)."""
         nid = len(self.nodes) + 1
-        node = {"id": nid, "type": type_, "pos": [40 + 340 * col, 40 + 230 * row], "size": [300, 180],
+        node = {"id": nid, "type": type_, "pos": [0, 0], "size": [0, 0],
                 "flags": {}, "order": nid - 1, "mode": 0,
                 "inputs": [{"name": n, "type": t, "link": None} for n, t in inputs],
                 "outputs": [{"name": n, "type": t, "links": []} for n, t in outputs],
                 "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
         if title:
             node["title"] = title
+        models = [{"name": v, "url": MODELS[v][1], "directory": MODELS[v][0]}
+                  for v in widgets if isinstance(v, str) and v in MODELS]
+        if models:
+            node["properties"]["models"] = models
         self.nodes.append(node)
+        self.layout_hints[nid] = (stage or STAGE_OF_TYPE.get(type_, "mechanism"), col, row)
         return nid
 
     def link(self, src, src_slot, dst, dst_input):
@@ -47,19 +133,82 @@ class Graph:
         s["outputs"][src_slot]["links"].append(lid)
         d["inputs"][slot]["link"] = lid
 
-    def save(self, name, extra):
+    def _layout(self):
+        """Positions, sizes and one group per stage; returns the groups."""
+        sizes = _measured_sizes()
+        for node in self.nodes:
+            key = f'{node["type"]}|{node.get("title", "")}'
+            node["size"] = [max(a, b, c) for a, b, c in zip(sizes.get(key, MIN_SIZE), MIN_SIZE,
+                                                           TYPE_MIN.get(node["type"], MIN_SIZE))]
+        groups, x = [], GAP_X + NOTE_SIZE[0] + 2 * GAP_X
+        top = 0
+        for stage, title in STAGES.items():
+            members = [n for n in self.nodes if self.layout_hints[n["id"]][0] == stage and n["type"] != "MarkdownNote"]
+            if not members:
+                continue
+            columns = sorted({self.layout_hints[n["id"]][1] for n in members})
+            x0, bottom = x, top + GROUP_HEAD
+            x += GROUP_PAD
+            for col in columns:
+                in_col = sorted((n for n in members if self.layout_hints[n["id"]][1] == col),
+                                key=lambda n: (self.layout_hints[n["id"]][2], n["id"]))
+                y = top + GROUP_HEAD
+                for n in in_col:
+                    n["pos"] = [x, y + TITLE_H]
+                    y += TITLE_H + n["size"][1] + GAP_Y
+                bottom = max(bottom, y)
+                x += max(n["size"][0] for n in in_col) + GAP_X
+            x += GROUP_PAD - GAP_X
+            groups.append({"id": len(groups) + 1, "title": title.format(mechanism=self.mechanism),
+                           "bounding": [x0, top, x - x0, bottom - top], "color": STAGE_COLORS[stage],
+                           "font_size": 24, "flags": {}})
+            x += 2 * GAP_X
+        return groups
+
+    def note(self, about: str, settings: str):
+        """The note every workflow opens on: what it does, the paper's settings, the files it needs."""
+        files, trained = [], []
+        for node in self.nodes:
+            for value in node["widgets_values"]:
+                if isinstance(value, str) and value in MODELS:
+                    folder, url = MODELS[value]
+                    files.append(f"- `models/{folder}/{value}`  \n  [download]({url})")
+                elif isinstance(value, str) and value in TRAINED:
+                    folder, how = TRAINED[value]
+                    trained.append(f"- `models/{folder}/{value}`: trained with this pack, `{how}`")
+        text = [f"## {self.mechanism}", about, "### Paper settings", settings]
+        if files or trained:
+            text += ["### Files to download", *dict.fromkeys(files), *dict.fromkeys(trained)]
+        images = sorted({v for n in self.nodes if n["type"] in ("LoadImage", "LoadImageMask")
+                         for v in n["widgets_values"][:1]})
+        if images:
+            text += ["### Example inputs", "Copied to `ComfyUI/input/` when the pack loads (photographs: CC0, "
+                     "scikit-image samples). Pick your own image and mask (white = inpaint) in the loaders: "
+                     + ", ".join(f"`{v}`" for v in images) + "."]
+        nid = self.node("MarkdownNote", ["\n\n".join(text)], "Read me")
+        node = self.nodes[nid - 1]
+        node["size"], node["pos"] = list(NOTE_SIZE), [GAP_X, GROUP_HEAD + TITLE_H]
+        node["color"], node["bgcolor"] = "#432", "#653"
+
+    def save(self, name, extra, about="", settings=""):
+        """Lay out, add the note and write ``example_workflows/<name>`` (``about``/``settings``: the note's text)."""
+        groups = self._layout()
+        self.note(about, settings)
+        # the note and the inputs in view; the frontend's menus cover the window's top ~110 px and left ~60 px
+        view = {"scale": VIEW_SCALE, "offset": VIEW_OFFSET}
         wf = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-              "links": self.links, "groups": [], "config": {}, "extra": {"faithful_inpaint": extra}, "version": 0.4}
-        (HERE / name).write_text(json.dumps(wf, indent=1) + "\n")
+              "links": self.links, "groups": groups, "config": {},
+              "extra": {"ds": view, "faithful_inpaint": {"title": self.mechanism, **extra}}, "version": 0.4}
+        (OUT / name).write_text(json.dumps(wf, indent=1) + "\n")
 
 
 def loaders(g, ckpt_name, ckpt_title, prompt=PROMPT):
     """Checkpoint, image, mask (white = inpaint) and the two prompts, as every workflow here starts."""
     ckpt = g.node("CheckpointLoaderSimple", [ckpt_name], ckpt_title,
                   outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=0, row=0)
-    image = g.node("LoadImage", ["example.png", "image"], "Image", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    image = g.node("LoadImage", [EXAMPLE_IMAGE, "image"], "Image", outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
                    col=0, row=1)
-    mask = g.node("LoadImageMask", ["example_mask.png", "red", "image"], "Mask (white = inpaint)",
+    mask = g.node("LoadImageMask", [EXAMPLE_MASK, "red", "image"], "Mask (white = inpaint)",
                   outputs=[("MASK", "MASK")], col=0, row=2)
     pos = g.node("CLIPTextEncode", [prompt], "Prompt", inputs=[("clip", "CLIP")],
                  outputs=[("CONDITIONING", "CONDITIONING")], col=1, row=0)
@@ -109,7 +258,7 @@ def decode_and_paste(g, latent_src, vae_src, image, mask):
 def inpaint_stage(g, painta: bool, rasg: bool | None, prompt_suffix=""):
     """Stage 1 of every inpainting workflow. rasg=None: a plain KSampler graph; False/True: SamplerCustom with
     DDIM or the RASG sampler (the paper's table 2 rows). Returns the node ids later stages and overrides need."""
-    ids = loaders(g, "sd-v1-5-inpainting.safetensors", "Load inpainting checkpoint", PROMPT + prompt_suffix)
+    ids = loaders(g, SD15_INPAINT, "Load inpainting checkpoint", PROMPT + prompt_suffix)
     ckpt, image, mask, pos, neg = (ids[k] for k in ("ckpt", "image", "mask", "pos", "neg"))
     grow = g.node("GrowMask", [1, True], "Dilate mask 1 px (as the reference)", inputs=[("mask", "MASK")],
                   outputs=[("MASK", "MASK")], col=1, row=2)
@@ -159,33 +308,61 @@ def overrides(ids, ckpt_targets=None):
             "ckpt": ckpt_targets or [[ids["ckpt"], "ckpt_name"]]}
 
 
-def save_result(g, ids, col=7):
-    save = g.node("SaveImage", ["faithful-inpaint"], "Result", inputs=[("images", "IMAGE")], col=col, row=1)
+def save_result(g, ids, col=7, stage=None):
+    save = g.node("SaveImage", ["faithful-inpaint"], "Result", inputs=[("images", "IMAGE")], col=col, row=1,
+                  stage=stage)
     g.link(ids["result"], 0, save, "images")
 
 
+PROFI_SETTINGS = ("SD1.5 inpainting checkpoint, 512 px. DDIM 50 steps, CFG 7.5 (seed 7 here). PAIntA at the H/16 and "
+                  "H/32 self-attention layers, in the first half of the schedule (start 0, end 0.5), attention "
+                  "smoothing 0.7071. RASG: eta 0.15, its gradient standardised (eq. 11), on the H/32 cross-attention. "
+                  "The mask is dilated 1 px and the result pasted into the original inside it, as the reference code.")
+SINGLE_STAGE = {  # (painta, rasg): the note's title and what the graph does
+    (True, None): ("PAIntA on an inpainting checkpoint",
+                   "Prompt-aware introverted attention (PAIntA, ProFI-Painter / HD-Painter sec. 3.1) patched into an "
+                   "SD1.5 inpainting checkpoint: the hole's self-attention to the known region is scaled by how well "
+                   "that region matches the prompt, so the prompt is drawn instead of a copy of the surroundings. "
+                   "Plain KSampler."),
+    (True, True): ("ProFI-Painter: PAIntA + RASG",
+                   "The paper's full method (HD-Painter sec. 3): PAIntA in the model, RASG (reweighting attention "
+                   "score guidance) in the sampler, which steers each DDIM step towards the prompt's cross-attention "
+                   "inside the mask."),
+    (False, False): ("ProFI-Painter ablation: base",
+                     "Table 2, first row: the inpainting checkpoint with plain DDIM, neither PAIntA nor RASG. Compare "
+                     "with the other ablation workflows on the same seed."),
+    (True, False): ("ProFI-Painter ablation: PAIntA only",
+                    "Table 2: PAIntA in the model, plain DDIM sampling."),
+    (False, True): ("ProFI-Painter ablation: RASG only",
+                    "Table 2: RASG sampling on the unpatched inpainting checkpoint."),
+}
+
+
 def single_stage(name, painta, rasg):
-    g = Graph()
+    title, about = SINGLE_STAGE[(painta, rasg)]
+    g = Graph(title)
     ids = inpaint_stage(g, painta, rasg)
     save_result(g, ids)
     g.save(name, {"overrides": overrides(ids),
-                  "smoke": {"ckpt": "sd15_inpaint", "image_size": [256, 256], "steps": 2}})
+                  "smoke": {"ckpt": "sd15_inpaint", "image_size": [256, 256], "steps": 2}},
+           about=about, settings=PROFI_SETTINGS)
 
 
 def profi_painter_hd(name):
     """Appendix E: the image is inpainted at a quarter of its size, then upscaled x4 with the inpainting-specialised
     conditional super-resolution (512 px -> 2048 px for the paper's sizes)."""
-    g = Graph()
+    g = Graph("ProFI-Painter HD: PAIntA + RASG, then x4")
     ids = inpaint_stage(g, painta=True, rasg=True)
     # Stage 1 works on the image and mask scaled to a quarter; the originals feed the upscaler.
     image_links = [l for l in g.links if l[1] == ids["image"]]
     small = g.node("ImageScaleBy", ["area", 0.25], "Image / 4", inputs=[("image", "IMAGE")],
-                   outputs=[("IMAGE", "IMAGE")], col=1, row=3)
+                   outputs=[("IMAGE", "IMAGE")], col=1, row=3, stage="inputs")
     grow_small = g.node("ImageToMask", ["red"], "Mask / 4", inputs=[("image", "IMAGE")],
-                        outputs=[("MASK", "MASK")], col=2, row=3)
-    mask_img = g.node("MaskToImage", [], inputs=[("mask", "MASK")], outputs=[("IMAGE", "IMAGE")], col=1, row=4)
+                        outputs=[("MASK", "MASK")], col=2, row=3, stage="inputs")
+    mask_img = g.node("MaskToImage", [], inputs=[("mask", "MASK")], outputs=[("IMAGE", "IMAGE")], col=1, row=4,
+                      stage="inputs")
     mask_small = g.node("ImageScaleBy", ["area", 0.25], "Mask image / 4", inputs=[("image", "IMAGE")],
-                        outputs=[("IMAGE", "IMAGE")], col=2, row=4)
+                        outputs=[("IMAGE", "IMAGE")], col=2, row=4, stage="inputs")
     g.link(ids["image"], 0, small, "image")
     for link in image_links:  # every stage-1 consumer of the image now reads the small one
         _relink(g, link, small, 0)
@@ -195,34 +372,45 @@ def profi_painter_hd(name):
     for link in grow_links:
         _relink(g, link, grow_small, 0)
     x4 = g.node("CheckpointLoaderSimple", ["x4-upscaler-ema.safetensors"], "Load SD x4 upscaler",
-                outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=5, row=3)
+                outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=5, row=3, stage="upscale")
     hr_pos = g.node("CLIPTextEncode", [PROMPT + ", high resolution professional photo"], "Upscaler prompt",
-                    inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], col=6, row=3)
+                    inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], col=5, row=4,
+                    stage="upscale")
     hr_neg = g.node("CLIPTextEncode", [NEGATIVE], "Upscaler negative", inputs=[("clip", "CLIP")],
-                    outputs=[("CONDITIONING", "CONDITIONING")], col=6, row=4)
+                    outputs=[("CONDITIONING", "CONDITIONING")], col=5, row=5, stage="upscale")
     g.link(x4, 1, hr_pos, "clip"), g.link(x4, 1, hr_neg, "clip")
     sr = g.node("InpaintConditionalUpscale", [7, "fixed", 20, 7.5, 20, 19, 19, 48, 32, "auto", 512],
                 "Inpainting-specialised x4 super-resolution",
                 inputs=[("model", "MODEL"), ("vae", "VAE"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                         ("image", "IMAGE"), ("mask", "MASK"), ("low_res", "IMAGE")],
-                outputs=[("IMAGE", "IMAGE"), ("blend_masks", "IMAGE")], col=7, row=2)
+                outputs=[("IMAGE", "IMAGE"), ("blend_masks", "IMAGE")], col=7, row=2, stage="upscale")
     g.link(x4, 0, sr, "model"), g.link(x4, 2, sr, "vae"), g.link(hr_pos, 0, sr, "positive")
     g.link(hr_neg, 0, sr, "negative"), g.link(ids["image"], 0, sr, "image"), g.link(ids["grow"], 0, sr, "mask")
     g.link(ids["result"], 0, sr, "low_res")
-    low = g.node("PreviewImage", [], "Low-resolution result", inputs=[("images", "IMAGE")], col=7, row=0)
+    low = g.node("PreviewImage", [], "Low-resolution result", inputs=[("images", "IMAGE")], col=6, row=0,
+                 stage="output")
     g.link(ids["result"], 0, low, "images")
     ids["result"] = sr
-    save_result(g, ids, col=8)
+    save_result(g, ids, col=8, stage="upscale")
     ov = overrides(ids, ckpt_targets=[[ids["ckpt"], "ckpt_name"], [x4, "ckpt_name"]])
     ov["upscale_steps"] = [[sr, "steps"]]
     g.save(name, {"overrides": ov, "smoke": {"ckpt": ["sd15_inpaint", "sd_x4_upscaler"], "image_size": [256, 256],
-                                             "steps": 2, "upscale_steps": 2}})
+                                             "steps": 2, "upscale_steps": 2}},
+           about="Appendix E: the image and mask are scaled to a quarter, inpainted with PAIntA + RASG, then brought "
+                 "back to full size by the inpainting-specialised x4 super-resolution (SD x4 upscaler; the known "
+                 "region is blended back in at every step, then Poisson-blended).",
+           settings=PROFI_SETTINGS + " Upscaler: 20 steps, CFG 7.5, the prompt + \", high resolution professional "
+                    "photo\", blend-mask dilation 48 px, tiles of 512 px.")
+
+
+PILOT_TEXT_SETTINGS = ("Reference text configuration: DDIM 100 steps, CFG 7.5, optimise every 10 steps with 10 inner "
+                       "steps, lr 0.025 (first step 0.008), coefficient 150, gamma 1.")
 
 
 def pilot_start(g):
     """The start of every PILOT graph: a plain SD1.5 checkpoint and the image encoded with its noise mask (the known
     image PILOT reads, ComfyUI's 1 = regenerate)."""
-    ids = loaders(g, "v1-5-pruned-emaonly.safetensors", "Load plain SD1.5 checkpoint")
+    ids = loaders(g, SD15, "Load plain SD1.5 checkpoint")
     ckpt, image, mask = ids["ckpt"], ids["image"], ids["mask"]
     enc = g.node("VAEEncode", [], inputs=[("pixels", "IMAGE"), ("vae", "VAE")], outputs=[("LATENT", "LATENT")],
                  col=1, row=2)
@@ -251,7 +439,7 @@ def pilot_finish(g, ids, guide, sampler, positive, negative):
 def pilot_text(name):
     """PILOT (text-guided): a plain SD1.5 checkpoint, the encoded image with its noise mask, the PILOT model patch and
     the PILOT sampler (reference: 100 DDIM steps, optimise every 10 steps with 10 inner steps, lr 0.025, gamma 1)."""
-    g = Graph()
+    g = Graph("PILOT: text-guided latent optimisation")
     ids = pilot_start(g)
     guide = g.node("PILOTGuidance", [PROMPT, True], "PILOT guidance",
                    inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=2, row=0)
@@ -261,7 +449,11 @@ def pilot_text(name):
     ov = pilot_finish(g, ids, guide, sampler, (ids["pos"], 0), (ids["neg"], 0))
     # smoke: one inner step keeps the end-to-end run on random full-size weights (CPU) short
     g.save(name, {"overrides": ov, "smoke": {"ckpt": "sd15", "image_size": [256, 256], "steps": 2,
-                                             "pilot_inner_steps": 1}})
+                                             "pilot_inner_steps": 1}},
+           about="PILOT on a plain (4-channel) SD1.5 checkpoint: no inpainting model. During sampling the latent is "
+                 "optimised so the known region matches the image and the hole follows the prompt's "
+                 "cross-attention (semantic centralisation), then DDIM continues from it.",
+           settings=PILOT_TEXT_SETTINGS)
 
 
 def _relink(g, link, new_src, new_slot):
@@ -273,7 +465,10 @@ def _relink(g, link, new_src, new_slot):
     g.nodes[new_src - 1]["outputs"][new_slot]["links"].append(link[0])
 
 
-def main():
+def build_all(out: Path = HERE):
+    """Write every bundled workflow into ``out``."""
+    global OUT
+    OUT = Path(out)
     single_stage("painta_inpaint.json", painta=True, rasg=None)
     # ProFI-Painter and the rows of the paper's table 2 (ablation): base, PAIntA only, RASG only, both.
     single_stage("profi_painter.json", painta=True, rasg=True)
@@ -282,12 +477,57 @@ def main():
     single_stage("profi_painter_ablation_rasg.json", painta=False, rasg=True)
     profi_painter_hd("profi_painter_hd.json")
     pilot_text("pilot_text.json")
-    # Each further mechanism keeps its graphs in workflows/build_<mechanism>.py with a build() of its own.
+    # Each further mechanism keeps its graphs in example_workflows/build_<mechanism>.py with a build() of its own.
     for path in sorted(HERE.glob("build_*.py")):
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.build()
+
+
+def measure_and_photograph():
+    """Open every workflow in the real UI: record the size the frontend gives each node (after the example images
+    load: image loaders grow to show them) in node_sizes.json, rebuild, then save a thumbnail of each workflow as it
+    opens (<name>.jpg, what the template browser shows)."""
+    sys.path.insert(0, str(HERE.parent))
+    from io import BytesIO
+
+    from PIL import Image
+
+    from headless.browser import QUIET_SETTINGS, ComfyServer, close_dialogs, graph_state, load_workflow, ui_page
+
+    with ComfyServer() as server:
+        server.set_settings({**QUIET_SETTINGS, "Comfy.Workflow.ShowMissingModelsWarning": False})
+        with ui_page(server.url) as page:
+            sizes = {}
+            for path in sorted(HERE.glob("*.json")):
+                workflow = json.loads(path.read_text())
+                keys = {n["id"]: f'{n["type"]}|{n.get("title", "")}' for n in workflow["nodes"]}
+                load_workflow(page, workflow, path.name)
+                page.wait_for_timeout(1500)
+                for n in graph_state(page)["nodes"]:
+                    key = keys[n["id"]]
+                    size = [int(-(-v // 10) * 10) for v in n["size"]]    # rounded up to 10 px
+                    sizes[key] = [max(a, b) for a, b in zip(sizes.get(key, size), size)]
+            sizes.pop("MarkdownNote|Read me", None)
+            SIZES_FILE.parent.mkdir(exist_ok=True)
+            SIZES_FILE.write_text(json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
+            build_all()
+            for path in sorted(HERE.glob("*.json")):
+                load_workflow(page, json.loads(path.read_text()), path.name)
+                page.wait_for_timeout(1500)
+                close_dialogs(page)
+                # the canvas without the side bar and the top menus
+                shot = Image.open(BytesIO(page.screenshot(clip=THUMBNAIL_CLIP))).convert("RGB")
+                shot = shot.resize((THUMBNAIL_WIDTH, round(shot.height * THUMBNAIL_WIDTH / shot.width)), Image.LANCZOS)
+                shot.save(path.with_suffix(".jpg"), quality=85)
+
+
+def main():
+    if "--measure" in sys.argv[1:]:
+        build_all()
+        measure_and_photograph()
+    build_all()
 
 
 if __name__ == "__main__":

@@ -9,16 +9,28 @@ powerpaint.json: the same with PowerPaint v2's branch, its text encoder (task pr
 """
 from __future__ import annotations
 
-from build import Graph, ksampler, loaders, overrides, save_result
+from build import SD15, Graph, ksampler, loaders, overrides, save_result
 
 BRUSHNET_FILE = "brushnet/random_mask_brushnet_ckpt/diffusion_pytorch_model.safetensors"
 POWERPAINT_FILE = "powerpaint/diffusion_pytorch_model.safetensors"
 POWERPAINT_TEXT_ENCODER = "powerpaint/pytorch_model.bin"
 
 
+ABOUT = {
+    "brushnet.json": ("BrushNet: a branch beside any SD1.5 checkpoint",
+                      "BrushNet's dual branch (a copy of the UNet's encoder fed the masked image and the mask) adds "
+                      "its features to an ordinary SD1.5 checkpoint, layer by layer; the result is pasted into the "
+                      "original inside the mask (the reference's soft paste is in the graph, bypassed)."),
+    "powerpaint.json": ("PowerPaint v2: BrushNet branch + task prompts",
+                        "PowerPaint v2's BrushNet branch with its own text encoder and learned task prompts (here "
+                        "\"text guided\"), beside an ordinary SD1.5 checkpoint."),
+}
+SETTINGS = "Reference values: UniPC 50 steps, CFG 7.5, conditioning scale 1 over the whole schedule."
+
+
 def branch_workflow(name, branch_file, text_encoder, task):
-    g = Graph()
-    ids = loaders(g, "v1-5-pruned-emaonly.safetensors", "Load SD1.5 checkpoint (any fine-tune)")
+    g = Graph(ABOUT[name][0])
+    ids = loaders(g, SD15, "Load SD1.5 checkpoint (any fine-tune)")
     ckpt, image, mask = ids["ckpt"], ids["image"], ids["mask"]
     loader = g.node("BrushBranchLoader", [branch_file, text_encoder], "Load branch (models/inpaint)",
                     outputs=[("branch", "BRUSH_BRANCH")], col=1, row=3)
@@ -60,7 +72,7 @@ def branch_workflow(name, branch_file, text_encoder, task):
         smoke.update(branch="powerpaint_sd15", powerpaint_text_encoder="powerpaint_sd15_text_encoder")
     else:
         smoke["branch"] = "brushnet_sd15"
-    g.save(name, {"overrides": ov, "smoke": smoke})
+    g.save(name, {"overrides": ov, "smoke": smoke}, about=ABOUT[name][1], settings=SETTINGS)
 
 
 def build():

@@ -10,18 +10,18 @@ in the UI pick the subject in "Subject image".
 """
 from __future__ import annotations
 
-from build import PROMPT, Graph, pilot_finish, pilot_start
+from build import EXAMPLE_SUBJECT, PROMPT, Graph, pilot_finish, pilot_start
 
 
 def pilot_image_prompt(name):
-    g = Graph()
+    g = Graph("PILOT with an image prompt (IP-Adapter)")
     ids = pilot_start(g)
     ckpt, mask = ids["ckpt"], ids["mask"]
     clip_vision = g.node("CLIPVisionLoader", ["CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"],
                          "Load CLIP vision (ViT-H-14)", outputs=[("CLIP_VISION", "CLIP_VISION")], col=0, row=3)
     adapter = g.node("ImagePromptAdapterLoader", ["ip-adapter_sd15.safetensors"], "Load IP-Adapter (SD1.5)",
                      outputs=[("adapter", "IMAGE_PROMPT_ADAPTER")], col=0, row=4)
-    subject = g.node("LoadImage", ["subject.png", "image"], "Subject image",
+    subject = g.node("LoadImage", [EXAMPLE_SUBJECT, "image"], "Subject image",
                      outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], col=1, row=4)
     apply = g.node("ImagePromptApply", [1.0, 0.0, 1.0, "text + image"], "Apply image prompt (beta 1, in the mask)",
                    inputs=[("model", "MODEL"), ("adapter", "IMAGE_PROMPT_ADAPTER"), ("clip_vision", "CLIP_VISION"),
@@ -42,7 +42,12 @@ def pilot_image_prompt(name):
     # smoke: one inner step keeps the end-to-end run on random full-size weights (CPU) short
     g.save(name, {"overrides": ov, "smoke": {"ckpt": "sd15", "clip_vision": "clip_vision_h",
                                              "ipadapter": "ipadapter_sd15", "image_size": [256, 256], "steps": 2,
-                                             "pilot_inner_steps": 1}})
+                                             "pilot_inner_steps": 1}},
+           about="PILOT with an image prompt on a plain SD1.5 checkpoint: the subject image goes through CLIP vision "
+                 "and an IP-Adapter into the decoupled image-prompt attention, confined to the mask; every inner "
+                 "optimisation step of the PILOT sampler runs it too.",
+           settings="Reference IP-Adapter configuration: DDIM 100 steps, CFG 7.5, optimise every 10 steps with 10 "
+                    "inner steps, lr 0.03 (first step 0.01), coefficient 150, gamma 0.8; image prompt beta 1.")
 
 
 def build():

@@ -16,15 +16,30 @@ Runner overrides: --image / --mask the scene, --subject the subject image (smoke
 """
 from __future__ import annotations
 
-from build import Graph, ksampler, loaders, overrides, save_result
+from build import EXAMPLE_SUBJECT, SD15_INPAINT, Graph, ksampler, loaders, overrides, save_result
 
-SUBJECT_PROMPT = "a plush toy sitting on the table"
+SUBJECT_PROMPT = "a tabby cat sitting on the table"
 BETA_WITH_REFINENET = 0.3       # LAR-Gen sec. 4.4 / 6.2: beta 0.3 in stage 2 (with RefineNet)
 
 
+TITLES = {"text + image": "LAR-Gen: text + subject image", "image only": "LAR-Gen: subject image only",
+          "text only": "LAR-Gen: text only"}
+ABOUT = {
+    "text + image": "LAR-Gen (Locate, Assign, Refine): a window around the mask is cut out and resized (zoom-in), "
+                    "inpainted by an SD1.5 inpainting checkpoint (Locate) with the subject image as an image prompt "
+                    "(Assign: IP-Adapter-plus attention) and RefineNet's subject details (Refine), then stitched "
+                    "back so only the masked pixels change.",
+    "image only": "LAR-Gen with the subject image alone: the conditional half's text is the empty prompt.",
+    "text only": "LAR-Gen with the text alone: the null image prompt (as when training drops the image) and no "
+                 "RefineNet (no subject to refine).",
+}
+SETTINGS = ("SD1.5 inpainting checkpoint, zoom-in crop to 512 px (32 px context), DDIM 50 steps, CFG 7.5 (the "
+            "paper's w), image-prompt beta 0.3 with RefineNet (sec. 4.4 / 6.2), 1 without.")
+
+
 def lar_gen(name, mode):
-    g = Graph()
-    ids = loaders(g, "sd-v1-5-inpainting.safetensors", "Load inpainting checkpoint (SD1.5)",
+    g = Graph(TITLES[mode])
+    ids = loaders(g, SD15_INPAINT, "Load inpainting checkpoint (SD1.5)",
                   "" if mode == "image only" else SUBJECT_PROMPT)
     ckpt, image, mask, pos, neg = (ids[k] for k in ("ckpt", "image", "mask", "pos", "neg"))
     crop = g.node("InpaintCropAroundMask", [32, 512], "Zoom in: crop around the mask",
@@ -43,7 +58,7 @@ def lar_gen(name, mode):
     adapter = g.node("ImagePromptAdapterLoader", ["ip-adapter-plus_sd15.safetensors"],
                      "Load image-prompt adapter (LAR-Gen stage 1 / IP-Adapter-plus)",
                      outputs=[("adapter", "IMAGE_PROMPT_ADAPTER")], col=0, row=4)
-    subject = g.node("LoadImage", ["subject.png", "image"], "Subject image",
+    subject = g.node("LoadImage", [EXAMPLE_SUBJECT, "image"], "Subject image",
                      outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], col=1, row=4)
     beta = 1.0 if mode == "text only" else BETA_WITH_REFINENET
     assign = g.node("ImagePromptApply", [beta, 0.0, 1.0, mode], f"Assign: image prompt ({mode})",
@@ -91,7 +106,7 @@ def lar_gen(name, mode):
     ov.update(subject=[[subject, "image"]], clip_vision=[[clip_vision, "clip_name"]],
               ipadapter=[[adapter, "adapter_name"]], beta=[[assign, "beta"]], crop_size=[[crop, "long_side"]],
               **ov_extra)
-    g.save(name, {"overrides": ov, "smoke": smoke})
+    g.save(name, {"overrides": ov, "smoke": smoke}, about=ABOUT[mode], settings=SETTINGS)
 
 
 def build():

@@ -14,15 +14,25 @@ states its sampler), then the result is pasted into the original inside the mask
 """
 from __future__ import annotations
 
-from build import PROMPT, Graph, decode_and_paste, ksampler, loaders, overrides, save_result
+from build import PROMPT, SD15, Graph, decode_and_paste, ksampler, loaders, overrides, save_result
 
 GLOBAL_PROMPT = "a cosy living room with a wooden table, soft daylight"
 
 
+ABOUT = {
+    "PainterNet": "PainterNet: the branch reads a LOCAL prompt (what goes in the mask) while the model keeps the "
+                  "global prompt (the whole picture); its features enter the model through layer and attention "
+                  "control points. The branch file is trained with this pack.",
+    "MTADiffusion": "MTADiffusion: a branch trained on detailed region descriptions; its self-attention features go "
+                    "into the model like BrushNet's. The prompt describes the region in detail. The branch file is "
+                    "trained with this pack.",
+}
+
+
 def branch_workflow(name, kind, smoke_kind):
-    g = Graph()
     painternet = kind == "PainterNet"
-    ids = loaders(g, "v1-5-pruned-emaonly.safetensors", "Load SD1.5 checkpoint",
+    g = Graph(f"{kind}: a trained branch beside SD1.5")
+    ids = loaders(g, SD15, "Load SD1.5 checkpoint",
                   GLOBAL_PROMPT if painternet else PROMPT)
     ckpt, image, mask = ids["ckpt"], ids["image"], ids["mask"]
     loader = g.node("BrushBranchLoader", [f"{kind.lower()}_sd15.safetensors", "none"], f"Load {kind} branch",
@@ -49,7 +59,9 @@ def branch_workflow(name, kind, smoke_kind):
     ids.update(seed=[[ks, "seed"]], steps=[[ks, "steps"]], result=decode_and_paste(g, (ks, 0), (ckpt, 2), image, mask))
     save_result(g, ids)
     g.save(name, {"overrides": {**overrides(ids), **extra_overrides},
-                  "smoke": {"ckpt": "sd15", "branch": smoke_kind, "image_size": [256, 256], "steps": 2}})
+                  "smoke": {"ckpt": "sd15", "branch": smoke_kind, "image_size": [256, 256], "steps": 2}},
+           about=ABOUT[kind], settings="Neither paper states its sampler: UniPC 50 steps, CFG 7.5, denoise 1 "
+                                       "(BrushNet's setting), conditioning scale 1.")
 
 
 def build():

@@ -28,7 +28,7 @@ def linked_widget(g, node, name):
 
 
 def toy_world_demo(name):
-    g = Graph()
+    g = Graph("Toy world demo: PAIntA, no download")
     loader = g.node("ToyWorldLoader", [CHECKPOINT], "Toy world model (9-channel, pack's toy/ folder)",
                     outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], col=0, row=0)
     scene = g.node("ToyWorldScene", [SEED, "fixed", "nearby"], "Scene, mask and prompt (nearby object)",
@@ -79,7 +79,14 @@ def toy_world_demo(name):
                                 "negative": [[neg, "text"]], "seed": [[scene, "seed"], [sc, "noise_seed"]],
                                 "steps": [[sched, "steps"]]},
                   # no smoke models: the toy files are the pack's own; smoke runs only sample fewer steps
-                  "smoke": {"steps": 2}})
+                  "smoke": {"steps": 2}},
+           about="PAIntA on the pack's own small 9-channel shapes-world model (toy/ folder): nothing to download. "
+                 "The scene node draws a 256 px scene, a mask beside another object and a prompt naming a different "
+                 "colour and shape; change the seed for a new scene and prompt. Press Run: the result and a "
+                 "scene | mask | result strip appear on the right.",
+           settings=f"Toy model: DDIM {STEPS} steps at CFG {CFG:g} (the toy trainer's evaluation CFG); PAIntA at H/16 "
+                    "and H/32 (the toy UNet's attention resolutions for 256 px, the paper's), first half of the "
+                    "schedule. RASG is left out here (docs/toy-world.md).")
 
 
 def build():
