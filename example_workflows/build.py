@@ -2,7 +2,8 @@
 
     python example_workflows/build.py            # rewrites example_workflows/*.json
     python example_workflows/build.py --measure  # first asks the real UI for its node sizes (node_sizes.json) and
-                                                 # takes a thumbnail of each workflow as it opens (<name>.jpg)
+                                                 # takes a thumbnail of each workflow as it opens (<name>.jpg),
+                                                 # then the README's screenshots (--screenshots: only those)
 
 The JSON files are the product; this script keeps their variants (the paper's ablation rows) consistent and lays
 them out: one group per stage (inputs, the mechanism, sampling, decode and paste), left to right, nodes stacked in
@@ -399,8 +400,9 @@ def profi_painter_hd(name):
            about="Appendix E: the image and mask are scaled to a quarter, inpainted with PAIntA + RASG, then brought "
                  "back to full size by the inpainting-specialised x4 super-resolution (SD x4 upscaler; the known "
                  "region is blended back in at every step, then Poisson-blended).",
-           settings=PROFI_SETTINGS + " Upscaler: 20 steps, CFG 7.5, the prompt + \", high resolution professional "
-                    "photo\", blend-mask dilation 48 px, tiles of 512 px.")
+           settings=PROFI_SETTINGS + " Upscaler: DDIM 20 steps, CFG 7.5, noise level 20, the prompt + \", high "
+                    "resolution professional photo\"; blend mask dilated 19 px and blurred 19 px, Poisson blend "
+                    "region dilated 48 px (the reference's values).")
 
 
 PILOT_TEXT_SETTINGS = ("Reference text configuration: DDIM 100 steps, CFG 7.5, optimise every 10 steps with 10 inner "
@@ -520,7 +522,52 @@ def measure_and_photograph():
                 # the canvas without the side bar and the top menus
                 shot = Image.open(BytesIO(page.screenshot(clip=THUMBNAIL_CLIP))).convert("RGB")
                 shot = shot.resize((THUMBNAIL_WIDTH, round(shot.height * THUMBNAIL_WIDTH / shot.width)), Image.LANCZOS)
-                shot.save(path.with_suffix(".jpg"), quality=85)
+                title = json.loads(path.read_text())["extra"]["faithful_inpaint"]["title"]
+                _title_banner(shot, title).save(path.with_suffix(".jpg"), quality=85)
+
+
+def _title_banner(image, title):
+    """The workflow's title across the thumbnail's top: the template browser shows only the file name."""
+    from PIL import ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(image)
+    size = 26
+    font = ImageFont.load_default(size=size)
+    while draw.textlength(title, font=font) > image.width - 24 and size > 12:
+        size -= 2
+        font = ImageFont.load_default(size=size)
+    draw.rectangle([0, 0, image.width, 52], fill=(20, 24, 32))
+    draw.text((12, 26), title, font=font, fill=(240, 240, 240), anchor="lm")
+    return image
+
+
+README_SHOTS = HERE.parent / "docs" / "images"
+
+
+def readme_screenshots(page):
+    """docs/images/ui_workflow.png (profi_painter.json as it opens, the missing-models dialog closed) and
+    docs/images/ui_template_browser.png (Workflow > Browse Templates on the pack's category)."""
+    from headless.browser import close_dialogs, load_workflow, open_template_browser
+
+    path = HERE / "profi_painter.json"
+    load_workflow(page, json.loads(path.read_text()), path.name)
+    page.wait_for_timeout(2000)
+    close_dialogs(page)
+    page.screenshot(path=str(README_SHOTS / "ui_workflow.png"))
+    open_template_browser(page)
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(README_SHOTS / "ui_template_browser.png"))
+    close_dialogs(page)
+
+
+def screenshots_only():
+    sys.path.insert(0, str(HERE.parent))
+    from headless.browser import QUIET_SETTINGS, ComfyServer, ui_page
+
+    with ComfyServer() as server:
+        server.set_settings(QUIET_SETTINGS)
+        with ui_page(server.url) as page:
+            readme_screenshots(page)
 
 
 def main():
@@ -528,6 +575,8 @@ def main():
         build_all()
         measure_and_photograph()
     build_all()
+    if "--measure" in sys.argv[1:] or "--screenshots" in sys.argv[1:]:
+        screenshots_only()
 
 
 if __name__ == "__main__":
