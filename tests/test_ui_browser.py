@@ -94,6 +94,7 @@ def test_workflow_opens_readable_with_its_inputs_and_model_downloads(ui, path):
             assert m["url"].startswith("https://huggingface.co/") and m["directory"]
             assert f'{m["directory"]} / {m["name"]}' in "\n".join(dialogs), dialogs
             assert m["url"] in note_text(workflow)
+    assert not [d for d in dialogs if "Invalid directory" in d], dialogs   # the pack registers inpaint/, ipadapter/
 
 
 def note_text(workflow):
