@@ -128,7 +128,11 @@ def ui_page(url: str, width: int = 1600, height: int = 900):
 def load_workflow(page, workflow: dict, name: str) -> None:
     """Open a workflow as the template browser does (``app.loadGraphData``, the saved view restored)."""
     page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }", [workflow, name])
-    page.wait_for_timeout(600)
+    # the image loaders show their image once it has loaded (from the server's input folder)
+    page.wait_for_function("""() => window.app.graph.nodes
+        .filter(n => n.type === 'LoadImage' || n.type === 'LoadImageMask').every(n => n.imgs?.[0]?.complete)""",
+                           timeout=15_000, polling=100)
+    page.wait_for_timeout(300)
 
 
 # A new user's first visit opens the template browser; the tests and thumbnails start from the canvas.

@@ -55,8 +55,7 @@ def test_workflow_opens_readable_with_its_inputs_and_model_downloads(ui, path):
     server, page = ui
     workflow = json.loads(path.read_text())
     page.console_errors.clear()
-    browser.load_workflow(page, workflow, path.name)
-    page.wait_for_timeout(1500)                       # the example images load into the loaders' previews
+    browser.load_workflow(page, workflow, path.name)   # returns once the example images show in the loaders
     dialogs = browser.dialog_texts(page)
     state = browser.graph_state(page)
     browser.close_dialogs(page)
@@ -121,7 +120,7 @@ def test_template_browser_lists_every_workflow_with_a_thumbnail(ui):
 
 
 def test_toy_demo_runs_from_the_run_button(ui):
-    """The toy demo as a user runs it: open, set the schedule to 3 steps in its widget (20 take minutes on a shared
+    """The toy demo as a user runs it: open, set the schedule to 2 steps in its widget (20 take minutes on a shared
     CI CPU), press Run, see both images (the result; scene | mask | result)."""
     server, page = ui
     browser.close_dialogs(page)
@@ -130,7 +129,7 @@ def test_toy_demo_runs_from_the_run_button(ui):
     browser.close_dialogs(page)
     page.console_errors.clear()
     page.evaluate("""() => { const n = window.app.graph.nodes.find(n => n.type === 'BasicScheduler');
-                            n.widgets.find(w => w.name === 'steps').value = 3; }""")
+                            n.widgets.find(w => w.name === 'steps').value = 2; }""")
     page.get_by_role("button", name="Run", exact=True).first.click()
     page.wait_for_function("""() => window.app.graph.nodes.filter(n => n.type === 'SaveImage')
         .every(n => (window.app.nodeOutputs?.[String(n.id)]?.images?.length ?? 0) > 0)""",
