@@ -496,7 +496,8 @@ def measure_and_photograph():
 
     from PIL import Image
 
-    from headless.browser import QUIET_SETTINGS, ComfyServer, close_dialogs, graph_state, load_workflow, ui_page
+    from faithful_inpaint.headless.browser import (QUIET_SETTINGS, ComfyServer, close_dialogs, graph_state,
+                                                   load_workflow, ui_page)
 
     with ComfyServer() as server:
         server.set_settings({**QUIET_SETTINGS, "Comfy.Workflow.ShowMissingModelsWarning": False})
@@ -547,7 +548,7 @@ README_SHOTS = HERE.parent / "docs" / "images"
 def readme_screenshots(page):
     """docs/images/ui_workflow.png (profi_painter.json as it opens, the missing-models dialog closed) and
     docs/images/ui_template_browser.png (Workflow > Browse Templates on the pack's category)."""
-    from headless.browser import close_dialogs, load_workflow, open_template_browser
+    from faithful_inpaint.headless.browser import close_dialogs, load_workflow, open_template_browser
 
     path = HERE / "profi_painter.json"
     load_workflow(page, json.loads(path.read_text()), path.name)
@@ -562,7 +563,7 @@ def readme_screenshots(page):
 
 def screenshots_only():
     sys.path.insert(0, str(HERE.parent))
-    from headless.browser import QUIET_SETTINGS, ComfyServer, ui_page
+    from faithful_inpaint.headless.browser import QUIET_SETTINGS, ComfyServer, ui_page
 
     with ComfyServer() as server:
         server.set_settings(QUIET_SETTINGS)

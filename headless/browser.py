@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import host
+from faithful_inpaint.devtools import host
 
 PACK_FOLDER = "faithful-inpaint"      # the custom_nodes folder name: the template browser's category
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")

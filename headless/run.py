@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workflow", nargs="?",
                    help="workflow saved by ComfyUI's UI (.json), or a PNG that embeds one (default: "
-                        "example_workflows/toy_world_demo.json, the toy-world demo; with --ckpt: example_workflows/profi_painter.json)")
+                        "example_workflows/toy_world_demo.json, the toy-world demo; with --ckpt: "
+                        "example_workflows/profi_painter.json)")
     p.add_argument("--out", default="output", help="folder for the output PNGs (default: ./output)")
     p.add_argument("--image", help="input image file (override 'image')")
     p.add_argument("--mask", help="mask file, white = inpaint (override 'mask')")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from headless import browser
+from faithful_inpaint.headless import browser
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))

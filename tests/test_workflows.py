@@ -88,7 +88,8 @@ def test_example_inputs_reach_the_input_folder_without_overwriting(tmp_path):
 
 def test_bundled_workflows_convert_without_notes_and_groups():
     """The runner's UI-to-API conversion drops the note and ignores groups; every other node is in the prompt."""
-    from headless import host, ui_to_api
+    from faithful_inpaint.devtools import host
+    from faithful_inpaint.headless import ui_to_api
 
     node_classes = host.load_pack_nodes()
     for path in WORKFLOWS:
