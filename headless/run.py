@@ -5,9 +5,9 @@
                            [--smoke] [--comfyui-base DIR]
 
 WORKFLOW is a workflow saved by ComfyUI's UI (or a PNG ComfyUI saved, which embeds it; an API-format prompt runs
-as it is, without overrides). Without it the runner runs the toy-world demo, ``workflows/toy_world_demo.json``
+as it is, without overrides). Without it the runner runs the toy-world demo, ``example_workflows/toy_world_demo.json``
 (PAIntA on the pack's own small inpainting model: no download, no checkpoint); with ``--ckpt`` and no WORKFLOW,
-``workflows/profi_painter.json`` on that checkpoint. The workflow is converted with the live node definitions
+``example_workflows/profi_painter.json`` on that checkpoint. The workflow is converted with the live node definitions
 (:mod:`headless.ui_to_api`), the overrides it declares are applied (:mod:`headless.overrides`), and the prompt runs
 through ComfyUI's real ``validate_prompt`` + ``PromptExecutor`` (:mod:`headless.execute`); a validation error on any
 output fails the run.
@@ -42,7 +42,7 @@ from faithful_inpaint.headless.execute import RunError, RunInterrupted, interrup
 from faithful_inpaint.headless.overrides import OverrideError, apply_overrides, declared_targets, pack_extra
 from faithful_inpaint.headless.ui_to_api import WorkflowError, convert
 
-WORKFLOWS = host.PACK_ROOT / "workflows"
+WORKFLOWS = host.PACK_ROOT / "example_workflows"
 TOY_DEMO, CKPT_DEFAULT = WORKFLOWS / "toy_world_demo.json", WORKFLOWS / "profi_painter.json"
 NOISE_BANNER = "SMOKE MODE: random-weight models, the output images are NOISE (this checks the plumbing, not quality)."
 DEFAULT_SMOKE_IMAGE_SIZE = (256, 256)
@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workflow", nargs="?",
                    help="workflow saved by ComfyUI's UI (.json), or a PNG that embeds one (default: "
-                        "workflows/toy_world_demo.json, the toy-world demo; with --ckpt: workflows/profi_painter.json)")
+                        "example_workflows/toy_world_demo.json, the toy-world demo; with --ckpt: "
+                        "example_workflows/profi_painter.json)")
     p.add_argument("--out", default="output", help="folder for the output PNGs (default: ./output)")
     p.add_argument("--image", help="input image file (override 'image')")
     p.add_argument("--mask", help="mask file, white = inpaint (override 'mask')")

@@ -8,6 +8,16 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${FAITHFUL_VENV:-$root/.venv}
 py=${PYTHON:-python3}
+# The browser test (tests/test_ui_browser.py) drives the system's Chromium; playwright never downloads one. As root on
+# Debian/Ubuntu (CI) it is installed here when missing; elsewhere install it yourself or point CHROMIUM at one.
+if [ -z "${CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup_env: installing Debian's chromium for the browser test" >&2
+    apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >&2
+  else
+    echo "setup_env: no chromium: tests/test_ui_browser.py will fail (apt-get install chromium, or set CHROMIUM)" >&2
+  fi
+fi
 want=$(cat "$root"/requirements/*.txt "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)
 stamp=$venv/.faithful-inpaint-env
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -328,7 +328,8 @@ def test_branch_option_points_the_bundled_branch_workflows_at_a_users_file(tmp_p
     user = tmp_path / "my_branch.safetensors"
     user.write_bytes(b"a trained branch")
     for name in ("brushnet", "painternet", "mtadiffusion"):
-        code = run.main([str(ROOT / "workflows" / f"{name}.json"), "--branch", str(user), "--out", str(tmp_path)])
+        code = run.main([str(ROOT / "example_workflows" / f"{name}.json"), "--branch", str(user),
+                         "--out", str(tmp_path)])
         assert code == 0, name
         loaders = [n["inputs"] for n in prompts[-1].values() if n["class_type"] == "BrushBranchLoader"]
         assert [i["branch_name"] for i in loaders] == ["my_branch.safetensors"], name

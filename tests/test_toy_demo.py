@@ -1,4 +1,4 @@
-"""The main command's default: the toy-world demo (workflows/toy_world_demo.json) on the model files in toy/.
+"""The main command's default: the toy-world demo (example_workflows/toy_world_demo.json) on the model files in toy/.
 
 The files are the pack's own (trained by training/toy_world.py and shipped in toy/); these tests use exactly those
 files, through ToyWorldLoader and through the runner's real execution-engine path."""
