@@ -17,6 +17,7 @@ from faithful_inpaint.patching import family
 from faithful_inpaint.patching.brush_branch import (LOADER_NODE, BranchConditioning, BrushBranchHooks, LoadedBranch,
                                                     encode_task_prompt, load_branch, plan_for)
 from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.inputs import check_choice, check_image, check_mask
 from faithful_inpaint.patching.model_files import model_file_path, register_model_folder
 from faithful_inpaint.patching.painternet import check_acp_blocks, pad_context
 from faithful_inpaint.patching.schedule import ScheduleWindow
@@ -69,10 +70,10 @@ class BrushBranchLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, branch_name, powerpaint_text_encoder=NONE) -> io.NodeOutput:
-        path = model_file_path(FOLDER, branch_name, LOADER_NODE, "branch_name")
-        te = None
+        te = None   # both names are checked before anything loads (a stale name used to be ignored silently)
         if powerpaint_text_encoder and powerpaint_text_encoder != NONE:
-            te = folder_paths.get_full_path(FOLDER, powerpaint_text_encoder)
+            te = model_file_path(FOLDER, powerpaint_text_encoder, LOADER_NODE, "powerpaint_text_encoder")
+        path = model_file_path(FOLDER, branch_name, LOADER_NODE, "branch_name")
         loaded = load_branch(path, te)
         log.info("[Faithful Inpaint] %s: %s is %s", LOADER_NODE, branch_name, loaded.kind.label)
         return io.NodeOutput(loaded)
@@ -130,6 +131,9 @@ class BrushBranchApply(io.ComfyNode):
                 powerpaint_task="text guided", powerpaint_fitting=1.0, local_prompt=None) -> io.NodeOutput:
         from nodes import InpaintModelConditioning
 
+        check_choice(APPLY_NODE, "powerpaint_task", powerpaint_task, POWERPAINT_TASKS)
+        check_image(APPLY_NODE, "image", image, min_side=8)
+        check_mask(APPLY_NODE, "mask", mask)
         fam = family.detect(model, APPLY_NODE)
         want = _FAMILY.get(branch.kind.family)
         if fam.name != want:
