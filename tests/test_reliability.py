@@ -150,3 +150,26 @@ def test_rasg_refuses_a_mask_batch_that_does_not_fit_the_latent_batch(toy):
         with refused(rasg.GUIDANCE_NODE, "mask"):
             comfy.sample.sample_custom(guided, torch.randn_like(latent), 4.0, sampler, sigmas, pos, neg, latent,
                                        seed=1, disable_pbar=True)
+
+
+def test_ip_adapter_files_with_adapter_modules_keys_load_like_ip_adapter_ones(tmp_path):
+    """IP-Adapter's training code saves the attention layers as adapter_modules.*; IPAdapter_plus reads those (flat
+    and nested), and so does the loader: the same adapter, weight for weight."""
+    from safetensors.torch import load_file, save_file
+
+    flat = load_file(str(ntw.PACK_TOY_DIR / "toy_image_prompt.safetensors"))
+    renamed = {("adapter_modules" + k[len("ip_adapter"):] if k.startswith("ip_adapter.") else k): v
+               for k, v in flat.items()}
+    assert any(k.startswith("adapter_modules.") for k in renamed)
+    save_file(renamed, str(tmp_path / "adapter_modules.safetensors"))
+    nested = {"image_proj": {k[len("image_proj."):]: v for k, v in flat.items() if k.startswith("image_proj.")},
+              "adapter_modules": {k[len("ip_adapter."):]: v for k, v in flat.items() if k.startswith("ip_adapter.")}}
+    torch.save(nested, tmp_path / "adapter_modules.bin")
+    reference = nip.load_adapter(str(ntw.PACK_TOY_DIR / "toy_image_prompt.safetensors")).state_dict()
+    for name in ("adapter_modules.safetensors", "adapter_modules.bin"):
+        loaded = nip.load_adapter(str(tmp_path / name)).state_dict()
+        assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+    both = dict(flat, **{k: v.clone() for k, v in renamed.items() if k.startswith("adapter_modules.")})
+    save_file(both, str(tmp_path / "both.safetensors"))
+    with refused("ImagePromptAdapterLoader", "adapter_name"):
+        nip.load_adapter(str(tmp_path / "both.safetensors"))
