@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
@@ -12,7 +11,7 @@ from faithful_inpaint.patching import image_prompt as ip
 from faithful_inpaint.patching import prompt
 from faithful_inpaint.patching.errors import NodeInputError
 from faithful_inpaint.patching.inputs import check_choice, check_image, check_mask
-from faithful_inpaint.patching.model_files import model_file_path, register_model_folder
+from faithful_inpaint.patching.model_files import model_file_path, read_model_file, register_model_folder
 from faithful_inpaint.patching.schedule import ScheduleWindow
 
 CATEGORY = "inpaint/faithful/LAR-Gen"
@@ -28,7 +27,7 @@ register_model_folder(FOLDER)
 def load_adapter(path: str, node: str = LOADER_NODE, input_name: str = "adapter_name") -> ImagePromptAdapter:
     """An adapter file (public IP-Adapter layout, .safetensors or .bin) as a module; variant, family and layer
     widths are read from its keys and shapes."""
-    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    sd, _ = read_model_file(path, node, input_name)
     try:
         return ImagePromptAdapter.from_state_dict(sd)
     except (ValueError, KeyError) as err:

@@ -12,7 +12,7 @@ from faithful_inpaint.kernels import refinenet as rn
 from faithful_inpaint.patching import family
 from faithful_inpaint.patching.errors import NodeInputError
 from faithful_inpaint.patching.inputs import check_choice, check_image
-from faithful_inpaint.patching.model_files import model_file_path, register_model_folder
+from faithful_inpaint.patching.model_files import model_file_path, read_model_file, register_model_folder
 from faithful_inpaint.patching.refinenet import RefineNet, RefineNetHooks, decoder_layers
 from faithful_inpaint.patching.schedule import ScheduleWindow
 
@@ -33,9 +33,10 @@ register_model_folder(FOLDER)
 
 def load_refinenet(path: str, node: str = LOADER_NODE, input_name: str = "refinenet_name") -> RefineNet:
     name = os.path.basename(path)
+    tensors, metadata = read_model_file(path, node, input_name)
     try:
-        config, encoder, unet = rn.load(path)
-    except (ValueError, OSError) as err:
+        config, encoder, unet = rn.split_file(tensors, metadata)
+    except (ValueError, KeyError) as err:
         raise NodeInputError(node, input_name, f"{name}: {err}") from err
     return RefineNet.from_parts(config, encoder, unet, name)
 

@@ -17,6 +17,24 @@ def register_model_folder(folder: str, extra_extensions: Iterable[str] = ()) -> 
                                                        set(folder_paths.supported_pt_extensions) | set(extra_extensions))
 
 
+def read_model_file(path: str, node: str, input_name: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a model file, read as tensors only (safetensors; other formats with torch.load's
+    weights_only, which refuses any pickle that would run code). A truncated, random or malicious file is a
+    NodeInputError naming the node, the input and the file."""
+    import comfy.utils
+
+    try:
+        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except Exception as err:  # SafetensorError, UnpicklingError (weights_only), EOFError, zip errors ...
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise NodeInputError(node, input_name, f"cannot read {os.path.basename(path)}: {type(err).__name__}"
+                             f"{': ' + detail if detail else ''} (a truncated or damaged file, not a model file, "
+                             "or a pickle that is not plain tensors; nothing in it was run).") from None
+    if not isinstance(sd, dict) or not sd:
+        raise NodeInputError(node, input_name, f"{os.path.basename(path)} holds no tensors.")
+    return sd, dict(metadata or {})
+
+
 def model_file_path(folder: str, name: str, node: str, input_name: str) -> str:
     """Full path of a file the node's combo input listed, or an error naming the node and input."""
     path = folder_paths.get_full_path(folder, name)

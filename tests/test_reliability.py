@@ -173,3 +173,57 @@ def test_ip_adapter_files_with_adapter_modules_keys_load_like_ip_adapter_ones(tm
     save_file(both, str(tmp_path / "both.safetensors"))
     with refused("ImagePromptAdapterLoader", "adapter_name"):
         nip.load_adapter(str(tmp_path / "both.safetensors"))
+
+
+class Payload:
+    """Unpickling this creates ``marker`` (builtins.open with mode "w"): code that runs from a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+LOADERS = [  # node, its file input, model folder, a real file of that kind
+    ("ImagePromptAdapterLoader", "adapter_name", "ipadapter", "toy_image_prompt.safetensors"),
+    ("RefineNetLoader", "refinenet_name", "refinenet", "toy_refinenet.safetensors"),
+    ("ToyWorldLoader", "checkpoint", "toy_world", "toy_world.safetensors"),
+    ("ToyWorldClipVisionLoader", "clip_vision", "toy_world", "toy_clip_vision.safetensors"),
+    ("BrushBranchLoader", "branch_name", "inpaint", "toy_brushnet.safetensors"),
+]
+
+
+@pytest.mark.parametrize("node, input_name, folder, real", LOADERS, ids=[n for n, *_ in LOADERS])
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "malicious pickle .bin",
+                                    "malicious pickle .safetensors"])
+def test_loaders_refuse_truncated_random_and_malicious_files_naming_node_and_input(tmp_path, node, input_name,
+                                                                                  folder, real, damage):
+    import folder_paths
+    import nodes
+
+    marker = tmp_path / "pwned"
+    data = (ntw.PACK_TOY_DIR / real).read_bytes()
+    name = {"truncated": "cut.safetensors", "random bytes": "noise.safetensors", "malicious pickle .bin": "evil.bin",
+            "malicious pickle .safetensors": "evil.safetensors"}[damage]
+    files = tmp_path / "models"
+    files.mkdir()
+    if damage == "truncated":
+        (files / name).write_bytes(data[: len(data) // 2])
+    elif damage == "random bytes":
+        (files / name).write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.uint8).numpy().tobytes())
+    else:
+        torch.save({"weight": torch.zeros(2), "payload": Payload(marker)}, files / name)
+    paths = folder_paths.folder_names_and_paths[folder][0]
+    paths.insert(0, str(files))
+    folder_paths.filename_list_cache.pop(folder, None)
+    try:
+        assert name in folder_paths.get_filename_list(folder)
+        with torch.inference_mode(), refused(node, input_name) as err:
+            nodes.NODE_CLASS_MAPPINGS[node].execute(**{input_name: name})
+        assert name in str(err.value)
+    finally:
+        paths.remove(str(files))
+        folder_paths.filename_list_cache.pop(folder, None)
+    assert not marker.exists()
