@@ -15,7 +15,7 @@ from faithful_inpaint.nodes import rasg as nrasg
 from faithful_inpaint.nodes import toy_world as ntw
 from faithful_inpaint.patching import rasg
 from faithful_inpaint.patching.errors import NodeInputError
-from headless.execute import RunError, run_prompt
+from faithful_inpaint.headless.execute import RunError, run_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

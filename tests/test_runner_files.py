@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from headless import run
-from headless.execute import RunError, run_prompt
+from faithful_inpaint.headless import run
+from faithful_inpaint.headless.execute import RunError, run_prompt
 from test_runner import image_workflow, node, write_workflow
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.core import CORE_STATE_FILE, EMA_FILE, CheckpointRefused, checkpoints, train
+from faithful_inpaint.training.core import CORE_STATE_FILE, EMA_FILE, CheckpointRefused, checkpoints, train
 from training_drivers import TinyTask, run_tiny_killed_in_checkpoint_write, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,9 +6,9 @@ import tarfile
 import pytest
 from PIL import Image
 
-from training.data import ShardDataset, ShardError
-from training.lar_gen import QuadrupleDataset
-from training.make_synthetic_data import write_dataset
+from faithful_inpaint.training.data import ShardDataset, ShardError
+from faithful_inpaint.training.lar_gen import QuadrupleDataset
+from faithful_inpaint.training.make_synthetic_data import write_dataset
 
 
 def shard_with(path, members: dict):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from training.core import CoreConfig, Task
+from faithful_inpaint.training.core import CoreConfig, Task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,7 +131,7 @@ def tiny_config(out, **kw) -> CoreConfig:
 _KILL_IN_SAVE = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    from training import core
+    from faithful_inpaint.training import core
     from training_drivers import TinyTask, tiny_config
 
     original = core.CoreStates.save
