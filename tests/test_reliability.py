@@ -227,3 +227,20 @@ def test_loaders_refuse_truncated_random_and_malicious_files_naming_node_and_inp
         paths.remove(str(files))
         folder_paths.filename_list_cache.pop(folder, None)
     assert not marker.exists()
+
+
+def test_a_powerpaint_text_encoder_without_its_transformer_is_refused(tmp_path):
+    """A file with PowerPaint's task vectors but not the CLIP-L text transformer loaded without a word (ComfyUI logs
+    the missing keys and encodes with uninitialised weights); now it is refused, naming what is missing."""
+    from safetensors.torch import save_file
+
+    from faithful_inpaint.kernels import brush_files
+    from faithful_inpaint.patching.brush_branch import load_powerpaint_text_encoder
+
+    sd = {key: torch.randn(10, 768) for key in brush_files.powerpaint_task_keys().values()}
+    sd["text_model.final_layer_norm.weight"] = torch.ones(768)
+    save_file(sd, str(tmp_path / "pp_text_encoder.safetensors"))
+    with refused("BrushBranchLoader", "powerpaint_text_encoder") as err:
+        load_powerpaint_text_encoder(str(tmp_path / "pp_text_encoder.safetensors"))
+    assert "pp_text_encoder.safetensors is not a complete PowerPaint text encoder" in str(err.value)
+    assert "of the CLIP-L text transformer are missing" in str(err.value)
