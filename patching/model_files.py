@@ -35,9 +35,18 @@ def read_model_file(path: str, node: str, input_name: str) -> tuple[dict, dict]:
     return sd, dict(metadata or {})
 
 
-def model_file_path(folder: str, name: str, node: str, input_name: str) -> str:
-    """Full path of a file the node's combo input listed, or an error naming the node and input."""
-    path = folder_paths.get_full_path(folder, name)
-    if path is None:
-        raise NodeInputError(node, input_name, f"{name!r} is not in models/{folder}.")
-    return path
+def file_names(folders: str | tuple[str, ...]) -> list[str]:
+    """The files a loader lists: those of every folder in ``folders``, a name found in several listed once."""
+    folders = (folders,) if isinstance(folders, str) else folders
+    return sorted({name for folder in folders for name in folder_paths.get_filename_list(folder)})
+
+
+def model_file_path(folders: str | tuple[str, ...], name: str, node: str, input_name: str) -> str:
+    """Full path of a file the node's combo input listed (the first folder of ``folders`` that has it), or an error
+    naming the node and input."""
+    folders = (folders,) if isinstance(folders, str) else folders
+    for folder in folders:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise NodeInputError(node, input_name, f"{name!r} is not in {' or '.join(f'models/{f}' for f in folders)}.")

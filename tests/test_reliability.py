@@ -1,6 +1,8 @@
 """Bad node input (issue 18): every combo input of every pack node is checked in ``execute`` (the pinned ComfyUI
 does not check V3 combo values, so a saved workflow's stale value reaches the node), and bad images and masks are
 refused with a NodeInputError naming the node and the input, on the pack's real toy models."""
+import os
+
 import pytest
 import torch
 from comfy_api.latest import io
@@ -244,3 +246,31 @@ def test_a_powerpaint_text_encoder_without_its_transformer_is_refused(tmp_path):
         load_powerpaint_text_encoder(str(tmp_path / "pp_text_encoder.safetensors"))
     assert "pp_text_encoder.safetensors is not a complete PowerPaint text encoder" in str(err.value)
     assert "of the CLIP-L text transformer are missing" in str(err.value)
+
+
+def test_branch_files_in_models_brushnet_are_listed_and_loaded(tmp_path):
+    """Some users keep BrushNet files in models/brushnet: the loader lists them beside models/inpaint's and loads
+    them; a name in both folders is models/inpaint's."""
+    import shutil
+
+    import folder_paths
+
+    assert os.path.join(folder_paths.models_dir, "brushnet") in folder_paths.get_folder_paths("brushnet")
+    brushnet = tmp_path / "brushnet"
+    brushnet.mkdir()
+    shutil.copy(ntw.PACK_TOY_DIR / "toy_brushnet.safetensors", brushnet / "users_brushnet.safetensors")
+    paths = folder_paths.folder_names_and_paths["brushnet"][0]
+    paths.insert(0, str(brushnet))
+    folder_paths.filename_list_cache.pop("brushnet", None)
+    try:
+        options = next(i.options for i in nbb.BrushBranchLoader.define_schema().inputs if i.id == "branch_name")
+        assert "users_brushnet.safetensors" in options
+        with torch.inference_mode():
+            (branch,) = nbb.BrushBranchLoader.execute("users_brushnet.safetensors").result
+        assert branch.name == "users_brushnet.safetensors" and branch.kind.kind == "brushnet"
+        with refused("BrushBranchLoader", "branch_name") as err:
+            nbb.BrushBranchLoader.execute("nowhere.safetensors")
+        assert "not in models/inpaint or models/brushnet" in str(err.value)
+    finally:
+        paths.remove(str(brushnet))
+        folder_paths.filename_list_cache.pop("brushnet", None)
