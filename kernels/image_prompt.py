@@ -68,7 +68,8 @@ def split_state_dict(sd: Mapping) -> tuple[dict, dict]:
             proj[rest] = value
         elif head in LAYER_HEADS:
             if rest in layers:
-                raise ValueError(f"layer weight {rest} is there twice (as ip_adapter.{rest} and adapter_modules.{rest})")
+                raise ValueError(f"layer weight {rest} is there twice (as ip_adapter.{rest} and "
+                                 f"adapter_modules.{rest})")
             layers[rest] = value
     return proj, layers
 

@@ -199,7 +199,8 @@ class ShardDataset(torch.utils.data.Dataset):
         try:
             return self._read(shard, members, suffix).decode().strip()
         except UnicodeDecodeError as err:
-            raise ShardError(f"{self.shards[shard]}: member {members[KEY]}.{suffix} is not UTF-8 text ({err})") from None
+            raise ShardError(f"{self.shards[shard]}: member {members[KEY]}.{suffix} is not UTF-8 text "
+                             f"({err})") from None
 
     def __getitem__(self, key: int) -> dict:
         epoch, index = divmod(int(key), len(self.entries))

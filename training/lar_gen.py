@@ -113,8 +113,8 @@ class QuadrupleDataset(ShardDataset):
         for shard, members in self.entries:
             missing = [m for m in ("mask.png", SUBJECT_MEMBER, "local.txt") if m not in members]
             if missing:
-                raise ShardError(f"{self.shards[shard]}: sample {members[KEY]} lacks {missing} (LAR-Gen needs quadruples: image, "
-                                 "mask, subject, local text)")
+                raise ShardError(f"{self.shards[shard]}: sample {members[KEY]} lacks {missing} (LAR-Gen needs "
+                                 "quadruples: image, mask, subject, local text)")
         self.text_dropout, self.image_dropout, self.morph_prob = text_dropout, image_dropout, morph_prob
 
     def __getitem__(self, key: int) -> dict:
