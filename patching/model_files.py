@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-import folder_paths
-
 from faithful_inpaint.patching.errors import NodeInputError
 
 
 def register_model_folder(folder: str, extra_extensions: Iterable[str] = ()) -> None:
     """Make ``models/<folder>`` a ComfyUI model folder unless the host or another pack already did (as the packs that
     own these folders register them)."""
+    import folder_paths  # ComfyUI's; imported on use, so training code can import the patching layer first
+
     if folder not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[folder] = ([os.path.join(folder_paths.models_dir, folder)],
                                                        set(folder_paths.supported_pt_extensions) | set(extra_extensions))
@@ -37,6 +37,8 @@ def read_model_file(path: str, node: str, input_name: str) -> tuple[dict, dict]:
 
 def file_names(folders: str | tuple[str, ...]) -> list[str]:
     """The files a loader lists: those of every folder in ``folders``, a name found in several listed once."""
+    import folder_paths
+
     folders = (folders,) if isinstance(folders, str) else folders
     return sorted({name for folder in folders for name in folder_paths.get_filename_list(folder)})
 
@@ -44,6 +46,8 @@ def file_names(folders: str | tuple[str, ...]) -> list[str]:
 def model_file_path(folders: str | tuple[str, ...], name: str, node: str, input_name: str) -> str:
     """Full path of a file the node's combo input listed (the first folder of ``folders`` that has it), or an error
     naming the node and input."""
+    import folder_paths
+
     folders = (folders,) if isinstance(folders, str) else folders
     for folder in folders:
         path = folder_paths.get_full_path(folder, name)
