@@ -216,7 +216,7 @@ def image_prompt_and_refinenet(ci: CaseInputs, beta: float | None):
     (patched,) = refinenet.RefineNetApply.execute(model=model, refinenet=net,
                                                   clip_vision=ci.clip_vision, vae=ci.vae, subject=ci.subject,
                                                   strength=1.0, start_percent=0.0, end_percent=1.0,
-                                                  uncond="no subject", at_h8=True, at_h16=True, at_h32=True,
+                                                  uncond=refinenet.UNCOND_NONE, at_h8=True, at_h16=True, at_h32=True,
                                                   at_h64=True)
     return patched, _ddim()
 

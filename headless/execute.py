@@ -140,6 +140,37 @@ def release_models(executor) -> None:
     comfy.model_management.soft_empty_cache()
 
 
+def output_nodes(prompt: Mapping) -> list[str]:
+    """The prompt's output nodes, as ``validate_prompt`` picks them (``OUTPUT_NODE`` classes)."""
+    import nodes
+
+    return [str(i) for i, n in prompt.items()
+            if getattr(nodes.NODE_CLASS_MAPPINGS.get(n.get("class_type")), "OUTPUT_NODE", False) is True]
+
+
+def find_cycle(prompt: Mapping, start: str) -> list[str]:
+    """Node ids of a cycle among the (linked) inputs upstream of ``start``, in order; [] when there is none."""
+    path, on_path, done = [], set(), set()
+
+    def visit(node_id: str) -> list[str]:
+        if node_id in on_path:
+            return path[path.index(node_id):]
+        if node_id in done or node_id not in prompt:
+            return []
+        path.append(node_id)
+        on_path.add(node_id)
+        for value in (prompt[node_id].get("inputs") or {}).values():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
+                if found := visit(str(value[0])):
+                    return found
+        path.pop()
+        on_path.discard(node_id)
+        done.add(node_id)
+        return []
+
+    return visit(str(start))
+
+
 class PromptSession:
     """One ``PromptExecutor`` for many prompts, as ComfyUI's server keeps one: checkpoint loaders and every node
     whose inputs did not change are served from its cache, so a batch of prompts loads its models once.
@@ -171,6 +202,12 @@ class PromptSession:
         if not valid or node_errors:  # the UI would still run the valid outputs; a batch run fails instead
             error = error or {"message": "some outputs failed validation"}
             raise RunError(format_validation_error(prompt, error, node_errors))
+        dropped = sorted(set(output_nodes(prompt)) - set(map(str, outputs)), key=str)
+        if dropped:  # ComfyUI drops such an output with a log line ("Output will be ignored") and no node error
+            raise RunError("ComfyUI would not run output " + "; ".join(
+                f"node {o} ({_title(prompt, o)})" + (f": its inputs form a cycle through nodes {', '.join(cycle)}"
+                                                     if (cycle := find_cycle(prompt, o)) else "")
+                for o in dropped))
         server, executor = self.server, self.executor
         server.messages, server.last_prompt_id = [], prompt_id
         executor.success, executor.history_result = True, {}

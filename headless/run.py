@@ -14,8 +14,11 @@ output fails the run.
 Every image of every SaveImage / PreviewImage node is written as ``<workflow>-<node id>-<node title>-<NN>.png``
 into ``--out`` (default ``./output``), with the prompt and workflow embedded as ComfyUI embeds them.
 
-``--image`` / ``--mask`` / ``--subject`` files are copied into ComfyUI's input folder (under a content-hashed
-name). ``--ckpt`` takes a checkpoint file (linked into the models folder) or the name of one ComfyUI already lists;
+Each run has its own temporary folder (:class:`RunFolder`), registered with ComfyUI for that run only: ComfyUI's
+output and temp folders point into it, ``--image`` / ``--mask`` / ``--subject`` files are checked (a truncated or
+unreadable image is refused, naming the path) and copied there, and a ``--ckpt`` / ``--branch`` file outside
+ComfyUI's model folders is linked into a model folder added there; nothing is written into the user's ComfyUI folders,
+and the folder is removed after the run. ``--ckpt`` takes a checkpoint file or the name of one ComfyUI already lists;
 ``--branch`` likewise takes an inpainting branch file for ``models/inpaint`` (BrushNet, PowerPaint, or one trained
 with ``training/``).
 ``--smoke`` runs without real weights: it generates random-weight model files with the real shapes
@@ -24,7 +27,8 @@ image and a centred rectangular mask (and a subject image, for workflows that de
 are given; THE OUTPUT IS THEN NOISE. ``--comfyui-base`` selects ComfyUI's models/, input/, output/ folders (default:
 ComfyUI's own; ``.smoke/comfyui`` of this repository with ``--smoke``). Exit status: 0 on success, 1 when
 the workflow or ComfyUI reports an error (printed as one ``error:`` line with node id, type and message; ``-v`` also
-shows ComfyUI's own log of it, traceback included), 130 when interrupted.
+shows ComfyUI's own log of it, traceback included; an output node ComfyUI drops, e.g. for a cycle in its inputs,
+is such an error), 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import logging
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from faithful_inpaint.devtools import host
@@ -95,39 +100,89 @@ def load_workflow(path: str) -> dict:
         return json.load(f)
 
 
-def stage_input_file(path: str) -> str:
-    """Copy a user's file into ComfyUI's input folder under a content-hashed name; return that name."""
-    import folder_paths
+class RunFolder:
+    """One run's temporary folder, registered with ComfyUI while the run lasts: its ``output/`` and ``temp/`` are
+    ComfyUI's output and temp folders, staged input files go to ``temp/`` (named ``"<name> [temp]"``, the
+    annotation LoadImage / LoadImageMask resolve), model files to ``models/<folder>/`` added first in that model
+    folder's search list. :meth:`close` restores ComfyUI's folders and deletes it."""
 
-    data = Path(path).read_bytes()
-    name = f"{Path(path).stem}-{hashlib.sha1(data).hexdigest()[:10]}{Path(path).suffix or '.png'}"
-    target = Path(folder_paths.get_input_directory()) / name
-    if not target.exists():
-        target.write_bytes(data)
-    return name
+    def __init__(self):
+        import folder_paths
+
+        self.root = Path(tempfile.mkdtemp(prefix="faithful-inpaint-run-"))
+        self.previous = (folder_paths.get_output_directory(), folder_paths.get_temp_directory())
+        self.model_paths: list[tuple[str, str]] = []
+        for sub in ("output", "temp"):
+            (self.root / sub).mkdir()
+        folder_paths.set_output_directory(str(self.root / "output"))
+        folder_paths.set_temp_directory(str(self.root / "temp"))
+
+    def stage_input(self, path: str, option: str = "--image") -> str:
+        """Copy a user's image under a content-hashed name; a file PIL cannot fully decode is refused here (ComfyUI's
+        LoadImage would retry it as a truncated image and go on with grey pixels)."""
+        check_image_file(path, option)
+        data = Path(path).read_bytes()
+        name = f"{Path(path).stem}-{hashlib.sha1(data).hexdigest()[:10]}{Path(path).suffix or '.png'}"
+        (self.root / "temp" / name).write_bytes(data)
+        return f"{name} [temp]"
+
+    def stage_model(self, path_or_name: str, folder: str = "checkpoints") -> str:
+        """A model file outside ComfyUI's ``folder`` paths is linked into this run's ``models/<folder>``; a file inside
+        them, or a bare name, is passed through as ComfyUI names it."""
+        import folder_paths
+
+        source = Path(path_or_name).expanduser()
+        if not source.is_file():
+            return path_or_name
+        source = source.resolve()
+        for root in folder_paths.get_folder_paths(folder):
+            if source.is_relative_to(Path(root).resolve()):
+                return source.relative_to(Path(root).resolve()).as_posix()
+        target_dir = self.root / "models" / folder
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / source.name
+        if target.exists() and target.resolve() != source:
+            raise OverrideError(f"two different files named {source.name} given for {folder}")
+        if not target.exists():
+            try:
+                target.symlink_to(source)
+            except OSError:
+                shutil.copyfile(source, target)
+        if (folder, str(target_dir)) not in self.model_paths:
+            folder_paths.add_model_folder_path(folder, str(target_dir), is_default=True)  # first: it wins a name clash
+            self.model_paths.append((folder, str(target_dir)))
+            folder_paths.filename_list_cache.pop(folder, None)
+        return source.name
+
+    def close(self) -> None:
+        import folder_paths
+
+        for folder, path in self.model_paths:
+            paths = folder_paths.folder_names_and_paths[folder][0]
+            if path in paths:
+                paths.remove(path)
+            folder_paths.filename_list_cache.pop(folder, None)
+        self.model_paths = []
+        folder_paths.set_output_directory(self.previous[0])
+        folder_paths.set_temp_directory(self.previous[1])
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
-def stage_model(path_or_name: str, folder: str = "checkpoints") -> str:
-    """A model file path is linked (or copied) into ComfyUI's ``folder``; a bare name is passed through."""
-    import folder_paths
+def check_image_file(path: str, option: str) -> None:
+    """Decode ``path`` completely (truncated images are errors here, whatever ComfyUI set globally)."""
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
-    source = Path(path_or_name).expanduser()
-    if not source.is_file():
-        return path_or_name
-    source = source.resolve()
-    for root in folder_paths.get_folder_paths(folder):
-        if source.is_relative_to(Path(root).resolve()):
-            return source.relative_to(Path(root).resolve()).as_posix()
-    target = Path(folder_paths.get_folder_paths(folder)[0]) / source.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and target.resolve() != source:
-        raise OverrideError(f"{target} exists and is not {source}; rename your file or remove that one")
-    if not target.exists():
-        try:
-            target.symlink_to(source)
-        except OSError:
-            shutil.copyfile(source, target)
-    return source.name
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise OverrideError(f"{option} {path}: not a complete image file ({err})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def make_test_image(size):
@@ -179,7 +234,7 @@ def smoke_model_kinds(workflow: dict) -> dict[str, list[str]]:
     return out
 
 
-def smoke_values(workflow: dict, given: dict, scratch: Path) -> dict:
+def smoke_values(workflow: dict, given: dict, folder: RunFolder) -> dict:
     """Override values for a smoke run: generated model files, test image and mask, smoke defaults."""
     import folder_paths
 
@@ -199,17 +254,18 @@ def smoke_values(workflow: dict, given: dict, scratch: Path) -> dict:
             for kind in kinds:  # one kind per target of the key, in order
                 print(f"Smoke: random-weight '{kind}' model for '{key}' (generated once into {models_dir}) ...")
                 values[key].append(smoke_checkpoints.ensure_smoke_models(models_dir, [kind])[kind])
-                folder = smoke_checkpoints.folder_for(kind)
-                folder_paths.add_model_folder_path(folder, str(Path(models_dir) / folder))
+                kind_folder = smoke_checkpoints.folder_for(kind)
+                folder_paths.add_model_folder_path(kind_folder, str(Path(models_dir) / kind_folder))
         else:
             values[key] = [value]
     targets = declared_targets(workflow)
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = folder.root / "smoke"
+    scratch.mkdir(exist_ok=True)
     for key, maker in (("image", make_test_image), ("mask", make_test_mask), ("subject", make_test_subject)):
         if key in targets and key not in given:
             path = scratch / f"smoke-{key}-{size[0]}x{size[1]}.png"
             maker(size).save(path)
-            values[key] = [stage_input_file(str(path))]
+            values[key] = [folder.stage_input(str(path), f"smoke {key}")]
     return values
 
 
@@ -261,6 +317,7 @@ def main(argv=None) -> int:
     else:
         logging.getLogger().addFilter(not_comfyui_error_log)
     base = args.comfyui_base or (str(host.PACK_ROOT / ".smoke" / "comfyui") if args.smoke else None)
+    folder = None
     try:
         workflow = load_workflow(args.workflow)
         host.start(base_directory=base)
@@ -268,16 +325,17 @@ def main(argv=None) -> int:
         api_format = "nodes" not in workflow and all(isinstance(v, dict) and "class_type" in v
                                                      for v in workflow.values())
         prompt = workflow if api_format else convert(workflow)
+        folder = RunFolder()
         given = {key: value for key, value in (
             ("prompt", [args.prompt] if args.prompt is not None else None),
             ("negative", [args.negative] if args.negative is not None else None),
             ("seed", [args.seed] if args.seed is not None else None),
             ("steps", [args.steps] if args.steps is not None else None),
-            ("image", [stage_input_file(args.image)] if args.image else None),
-            ("mask", [stage_input_file(args.mask)] if args.mask else None),
-            ("subject", [stage_input_file(args.subject)] if args.subject else None),
-            ("ckpt", [stage_model(c) for c in args.ckpt] if args.ckpt else None),
-            ("branch", [stage_model(args.branch, "inpaint")] if args.branch else None),
+            ("image", [folder.stage_input(args.image, "--image")] if args.image else None),
+            ("mask", [folder.stage_input(args.mask, "--mask")] if args.mask else None),
+            ("subject", [folder.stage_input(args.subject, "--subject")] if args.subject else None),
+            ("ckpt", [folder.stage_model(c) for c in args.ckpt] if args.ckpt else None),
+            ("branch", [folder.stage_model(args.branch, "inpaint")] if args.branch else None),
         ) if value is not None}
         values = dict(given)
         # The banner only where smoke mode really puts random-weight models in (not the toy demo's own files).
@@ -285,9 +343,7 @@ def main(argv=None) -> int:
         if random_models:
             print(NOISE_BANNER)
         if args.smoke:
-            import folder_paths
-
-            values.update(smoke_values(workflow, given, Path(folder_paths.get_temp_directory()) / "faithful-smoke"))
+            values.update(smoke_values(workflow, given, folder))
         apply_overrides(prompt, workflow, values)
         print(f"Running {args.workflow}: {len(prompt)} nodes")
         with interrupt_on_ctrl_c():
@@ -302,6 +358,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
+    finally:
+        if folder is not None:
+            folder.close()
     for path in written:
         print(f"wrote {path}")
     if not written:

@@ -50,17 +50,26 @@ class AdapterSpec:
         return FEATURE_OF_VARIANT[self.variant]
 
 
+LAYER_HEADS = ("ip_adapter", "adapter_modules")   # the attention layers' prefix; IP-Adapter's training code names
+                                                 # them adapter_modules, and IPAdapter_plus reads both
+
+
 def split_state_dict(sd: Mapping) -> tuple[dict, dict]:
     """(image_proj, ip_adapter) sub-dicts of an adapter file: the flat safetensors layout (``image_proj.*``,
-    ``ip_adapter.*``) or the nested one of the ``.bin`` files ({"image_proj": {...}, "ip_adapter": {...}})."""
+    ``ip_adapter.*`` or ``adapter_modules.*``) or the nested one of the ``.bin`` files ({"image_proj": {...},
+    "ip_adapter" or "adapter_modules": {...}})."""
     if "image_proj" in sd and isinstance(sd["image_proj"], Mapping):
-        return dict(sd["image_proj"]), dict(sd.get("ip_adapter", {}))
+        layers = next((sd[h] for h in LAYER_HEADS if isinstance(sd.get(h), Mapping)), {})
+        return dict(sd["image_proj"]), dict(layers)
     proj, layers = {}, {}
     for key, value in sd.items():
         head, _, rest = key.partition(".")
         if head == "image_proj":
             proj[rest] = value
-        elif head == "ip_adapter":
+        elif head in LAYER_HEADS:
+            if rest in layers:
+                raise ValueError(f"layer weight {rest} is there twice (as ip_adapter.{rest} and "
+                                 f"adapter_modules.{rest})")
             layers[rest] = value
     return proj, layers
 

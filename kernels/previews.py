@@ -7,22 +7,29 @@ import torch.nn.functional as F
 from faithful_inpaint.kernels import masks as mask_ops
 
 
-def mask_levels_preview(mask: torch.Tensor, downsamples, separator: int = 2) -> torch.Tensor:
-    """The first mask of a batch at each attention level, nearest-upscaled back and laid side by side.
+PREVIEW_MAX_SIDE = 1024   # longest side of one tile: an 8192 px mask gives a 1024 px preview row, not gigabytes
+
+
+def mask_levels_preview(mask: torch.Tensor, downsamples, separator: int = 2,
+                        max_side: int = PREVIEW_MAX_SIDE) -> torch.Tensor:
+    """The first mask of a batch at each attention level, nearest-upscaled to the mask's size (at most ``max_side``
+    px on its longest side, aspect kept) and laid side by side.
 
     ``mask`` is [B, 1, H, W] at image resolution; level d has the size of a latent (H/8) shrunk d times.
     White = regenerated tokens. With no level, the mask itself.
     """
     m = mask_ops.as_batch(mask)[:1]
     height, width = m.shape[-2:]
+    scale = min(1.0, max_side / max(height, width))
+    th, tw = max(1, round(height * scale)), max(1, round(width * scale))
     tiles = []
     for d in downsamples or ():
         h, w = mask_ops.level_size(max(1, height // 8), max(1, width // 8), d)
         level = mask_ops.binary(mask_ops.resize(m, h, w))
-        tiles.append(F.interpolate(level, size=(height, width), mode="nearest"))
+        tiles.append(F.interpolate(level, size=(th, tw), mode="nearest"))
     if not tiles:
-        tiles = [m]
-    gap = torch.full((1, 1, height, separator), 0.5)
+        tiles = [mask_ops.resize(m, th, tw)]
+    gap = torch.full((1, 1, th, separator), 0.5)
     row = [tiles[0]]
     for t in tiles[1:]:
         row += [gap, t]

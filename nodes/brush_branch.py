@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 
-import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -17,7 +16,8 @@ from faithful_inpaint.patching import family
 from faithful_inpaint.patching.brush_branch import (LOADER_NODE, BranchConditioning, BrushBranchHooks, LoadedBranch,
                                                     encode_task_prompt, load_branch, plan_for)
 from faithful_inpaint.patching.errors import NodeInputError
-from faithful_inpaint.patching.model_files import model_file_path, register_model_folder
+from faithful_inpaint.patching.inputs import check_choice, check_image, check_mask
+from faithful_inpaint.patching.model_files import file_names, model_file_path, register_model_folder
 from faithful_inpaint.patching.painternet import check_acp_blocks, pad_context
 from faithful_inpaint.patching.schedule import ScheduleWindow
 
@@ -25,10 +25,13 @@ log = logging.getLogger(__name__)
 
 APPLY_NODE = "BrushBranchApply"
 FOLDER = "inpaint"
+FOLDERS = (FOLDER, "brushnet")    # models/inpaint first, then models/brushnet
 NONE = "none"
 
-# ComfyUI has no "inpaint" folder of its own; ComfyUI-BrushNet users keep their branch files in models/inpaint.
-register_model_folder(FOLDER, extra_extensions={".bin"})
+# ComfyUI has no "inpaint" folder of its own; ComfyUI-BrushNet users keep their branch files in models/inpaint, some
+# in models/brushnet: both are listed.
+for _folder in FOLDERS:
+    register_model_folder(_folder, extra_extensions={".bin"})
 
 Branch = io.Custom("BRUSH_BRANCH")
 
@@ -50,13 +53,14 @@ POWERPAINT_TASKS = {
 class BrushBranchLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        files = folder_paths.get_filename_list(FOLDER)
+        files = file_names(FOLDERS)
         return io.Schema(
             node_id=LOADER_NODE,
             display_name="Load Brush Branch (BrushNet / PowerPaint)",
             category="inpaint/faithful/BrushNet",
-            description="Loads an inpainting branch from models/inpaint: public BrushNet SD1.5/SDXL and PowerPaint v2 "
-                        "files (recognised by their structure) or a branch trained with this pack.",
+            description="Loads an inpainting branch from models/inpaint or models/brushnet: public BrushNet "
+                        "SD1.5/SDXL and PowerPaint v2 files (recognised by their structure) or a branch trained with "
+                        "this pack.",
             inputs=[
                 io.Combo.Input("branch_name", options=files,
                                tooltip="The branch file (BrushNet: diffusion_pytorch_model.safetensors)."),
@@ -69,10 +73,10 @@ class BrushBranchLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, branch_name, powerpaint_text_encoder=NONE) -> io.NodeOutput:
-        path = model_file_path(FOLDER, branch_name, LOADER_NODE, "branch_name")
-        te = None
+        te = None   # both names are checked before anything loads (a stale name used to be ignored silently)
         if powerpaint_text_encoder and powerpaint_text_encoder != NONE:
-            te = folder_paths.get_full_path(FOLDER, powerpaint_text_encoder)
+            te = model_file_path(FOLDERS, powerpaint_text_encoder, LOADER_NODE, "powerpaint_text_encoder")
+        path = model_file_path(FOLDERS, branch_name, LOADER_NODE, "branch_name")
         loaded = load_branch(path, te)
         log.info("[Faithful Inpaint] %s: %s is %s", LOADER_NODE, branch_name, loaded.kind.label)
         return io.NodeOutput(loaded)
@@ -130,6 +134,9 @@ class BrushBranchApply(io.ComfyNode):
                 powerpaint_task="text guided", powerpaint_fitting=1.0, local_prompt=None) -> io.NodeOutput:
         from nodes import InpaintModelConditioning
 
+        check_choice(APPLY_NODE, "powerpaint_task", powerpaint_task, POWERPAINT_TASKS)
+        check_image(APPLY_NODE, "image", image, min_side=8)
+        check_mask(APPLY_NODE, "mask", mask)
         fam = family.detect(model, APPLY_NODE)
         want = _FAMILY.get(branch.kind.family)
         if fam.name != want:

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from faithful_inpaint.kernels import crop as crop_ops
 from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.inputs import check_image, check_mask
 
 CROP_ID = "InpaintCropAroundMask"
 STITCH_ID = "InpaintStitch"
@@ -45,10 +46,8 @@ class InpaintCropAroundMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mask, padding: int, long_side: int) -> io.NodeOutput:
-        try:
-            m = mask_ops.as_batch(mask)
-        except ValueError as err:
-            raise NodeInputError(CROP_ID, "mask", str(err))
+        check_image(CROP_ID, "image", image)
+        m = check_mask(CROP_ID, "mask", mask)
         if tuple(m.shape[-2:]) != tuple(image.shape[1:3]):
             raise NodeInputError(CROP_ID, "mask", f"the mask is {m.shape[-1]}x{m.shape[-2]} px but the image is "
                                  f"{image.shape[2]}x{image.shape[1]} px; resize one of them first.")

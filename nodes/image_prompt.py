@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import os
 
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.kernels.image_prompt import ImagePromptAdapter
 from faithful_inpaint.patching import image_prompt as ip
 from faithful_inpaint.patching import prompt
 from faithful_inpaint.patching.errors import NodeInputError
-from faithful_inpaint.patching.model_files import model_file_path, register_model_folder
+from faithful_inpaint.patching.inputs import check_choice, check_image, check_mask
+from faithful_inpaint.patching.model_files import model_file_path, read_model_file, register_model_folder
 from faithful_inpaint.patching.schedule import ScheduleWindow
 
 CATEGORY = "inpaint/faithful/LAR-Gen"
@@ -28,7 +27,7 @@ register_model_folder(FOLDER)
 def load_adapter(path: str, node: str = LOADER_NODE, input_name: str = "adapter_name") -> ImagePromptAdapter:
     """An adapter file (public IP-Adapter layout, .safetensors or .bin) as a module; variant, family and layer
     widths are read from its keys and shapes."""
-    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    sd, _ = read_model_file(path, node, input_name)
     try:
         return ImagePromptAdapter.from_state_dict(sd)
     except (ValueError, KeyError) as err:
@@ -92,14 +91,15 @@ class ImagePromptApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter, clip_vision, image, beta, start_percent, end_percent, mode, attn_mask=None,
                 clip=None) -> io.NodeOutput:
+        check_choice(APPLY_NODE, "mode", mode, ip.MODES)
         if not isinstance(adapter, ImagePromptAdapter):
             raise NodeInputError(APPLY_NODE, "adapter", "connect the output of 'Load image-prompt adapter' "
                                  f"({LOADER_NODE}).")
-        if mode not in ip.MODES:
-            raise NodeInputError(APPLY_NODE, "mode", f"expected one of {list(ip.MODES)}, got {mode!r}.")
         if start_percent >= end_percent:
             raise NodeInputError(APPLY_NODE, "end_percent",
                                  f"must be larger than start_percent ({start_percent} >= {end_percent}).")
+        check_image(APPLY_NODE, "image", image)
+        attn_mask = None if attn_mask is None else check_mask(APPLY_NODE, "attn_mask", attn_mask)
         spec = adapter.spec
         ip.check_clip_vision(spec, clip_vision, APPLY_NODE)
         layers = ip.check_model(spec, model, APPLY_NODE)
@@ -113,7 +113,7 @@ class ImagePromptApply(io.ComfyNode):
         hooks = ip.ImagePromptHooks.from_adapter(
             adapter, layers, tokens, null_tokens, beta=float(beta),
             window=ScheduleWindow.from_percent(model, start_percent, end_percent), mode=mode,
-            mask=None if attn_mask is None else mask_ops.as_batch(attn_mask), null_text=null_text, node=APPLY_NODE)
+            mask=attn_mask, null_text=null_text, node=APPLY_NODE)
         return io.NodeOutput(hooks.install(model))
 
 

@@ -5,10 +5,10 @@ import logging
 
 from comfy_api.latest import io
 
-from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.kernels.painta import REFERENCE_SMOOTHING_SIGMA
 from faithful_inpaint.patching import family, prompt
 from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.inputs import check_mask
 from faithful_inpaint.patching.painta import PAIntAHooks
 from faithful_inpaint.patching.schedule import ScheduleWindow
 from faithful_inpaint.kernels.previews import mask_levels_preview
@@ -63,7 +63,7 @@ class PAIntAPatch(io.ComfyNode):
         if start_percent >= end_percent:
             raise NodeInputError(NODE_ID, "end_percent",
                                  f"must be larger than start_percent ({start_percent} >= {end_percent}).")
-        m = mask_ops.as_batch(mask)
+        m = check_mask(NODE_ID, "mask", mask)
         preview = mask_levels_preview(m, downsamples)
         if not downsamples:
             log.warning("[Faithful Inpaint] %s: no resolution is switched on; the model is returned unchanged.",

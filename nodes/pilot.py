@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from faithful_inpaint.patching import family, pilot
 from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.inputs import check_choice
 from faithful_inpaint.patching.prompt import token_positions
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,7 @@ class PILOTSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, preset, optimise_every, inner_steps, lr, lr_warmup, coef, gamma, momentum=0.7) -> io.NodeOutput:
-        if preset not in PRESETS:
-            raise NodeInputError(pilot.SAMPLER_NODE, "preset", f"expected one of {list(PRESETS)}")
+        check_choice(pilot.SAMPLER_NODE, "preset", preset, PRESETS)
         options = {"every": optimise_every, "inner_steps": inner_steps, "lr": lr, "lr_warmup": lr_warmup,
                    "coef": coef, "gamma": gamma, "momentum": momentum}
         options.update(PRESETS[preset] or {})

@@ -6,14 +6,14 @@ import logging
 import comfy.samplers
 from comfy_api.latest import io
 
-from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.patching import family, rasg
 from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.inputs import check_choice, check_mask
 from faithful_inpaint.patching.prompt import token_positions
 
 log = logging.getLogger(__name__)
 
-GUIDANCE_ID = "RASGGuidance"
+GUIDANCE_ID = rasg.GUIDANCE_NODE
 LEVELS = {"1/32 (paper)": (4,), "1/16": (2,), "1/16 + 1/32": (2, 4)}
 SIGMA_RULES = {"paper (eq. 11)": "paper", "reference code": "reference"}
 
@@ -44,16 +44,15 @@ class RASGGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, prompt, attention_resolution, mask=None) -> io.NodeOutput:
+        check_choice(GUIDANCE_ID, "attention_resolution", attention_resolution, LEVELS)
         family.detect(model, GUIDANCE_ID)
-        if attention_resolution not in LEVELS:
-            raise NodeInputError(GUIDANCE_ID, "attention_resolution", f"expected one of {list(LEVELS)}")
         _, indices, words = token_positions(clip, prompt)
         if not words:
             log.warning("[Faithful Inpaint] %s: the prompt is empty; RASG will pull only the end-of-text token's "
                         "attention into the mask.", GUIDANCE_ID)
         m = None
         if mask is not None:
-            m = mask_ops.as_batch(mask)
+            m = check_mask(GUIDANCE_ID, "mask", mask)
             if not bool((m > 0.5).any()):
                 raise NodeInputError(GUIDANCE_ID, "mask", "the mask is empty: there is no region to guide into.")
         try:
@@ -89,8 +88,7 @@ class RASGSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, eta, sigma_rule, guide_start, guide_end) -> io.NodeOutput:
-        if sigma_rule not in SIGMA_RULES:
-            raise NodeInputError(rasg.SAMPLER_NODE, "sigma_rule", f"expected one of {list(SIGMA_RULES)}")
+        check_choice(rasg.SAMPLER_NODE, "sigma_rule", sigma_rule, SIGMA_RULES)
         if guide_start > guide_end:
             raise NodeInputError(rasg.SAMPLER_NODE, "guide_end", "must not be smaller than guide_start.")
         sampler = comfy.samplers.KSAMPLER(rasg.sample_rasg, extra_options={

@@ -11,7 +11,8 @@ from comfy_api.latest import io
 from faithful_inpaint.kernels import refinenet as rn
 from faithful_inpaint.patching import family
 from faithful_inpaint.patching.errors import NodeInputError
-from faithful_inpaint.patching.model_files import model_file_path, register_model_folder
+from faithful_inpaint.patching.inputs import check_choice, check_image
+from faithful_inpaint.patching.model_files import model_file_path, read_model_file, register_model_folder
 from faithful_inpaint.patching.refinenet import RefineNet, RefineNetHooks, decoder_layers
 from faithful_inpaint.patching.schedule import ScheduleWindow
 
@@ -32,9 +33,10 @@ register_model_folder(FOLDER)
 
 def load_refinenet(path: str, node: str = LOADER_NODE, input_name: str = "refinenet_name") -> RefineNet:
     name = os.path.basename(path)
+    tensors, metadata = read_model_file(path, node, input_name)
     try:
-        config, encoder, unet = rn.load(path)
-    except (ValueError, OSError) as err:
+        config, encoder, unet = rn.split_file(tensors, metadata)
+    except (ValueError, KeyError) as err:
         raise NodeInputError(node, input_name, f"{name}: {err}") from err
     return RefineNet.from_parts(config, encoder, unet, name)
 
@@ -101,6 +103,7 @@ class RefineNetApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, refinenet, clip_vision, vae, subject, strength, start_percent, end_percent, uncond,
                 at_h8, at_h16, at_h32, at_h64) -> io.NodeOutput:
+        check_choice(APPLY_NODE, "uncond", uncond, (UNCOND_NONE, UNCOND_SUBJECT))
         if not isinstance(refinenet, RefineNet):
             raise NodeInputError(APPLY_NODE, "refinenet", f"connect the output of 'Load RefineNet' ({LOADER_NODE}).")
         if start_percent >= end_percent:
@@ -118,9 +121,7 @@ class RefineNetApply(io.ComfyNode):
             why = "strength is 0" if strength == 0 else "no decoder self-attention at the chosen resolutions"
             log.warning("[Faithful Inpaint] %s: %s; the model is returned unchanged.", APPLY_NODE, why)
             return io.NodeOutput(model)
-        if subject.shape[1] < 8 or subject.shape[2] < 8:
-            raise NodeInputError(APPLY_NODE, "subject", f"the subject image is {subject.shape[2]}x{subject.shape[1]} "
-                                 "px; it must be at least 8x8.")
+        check_image(APPLY_NODE, "subject", subject, min_side=8)
         tokens = refinenet.detail_tokens(clip_vision, subject[..., :3], APPLY_NODE)
         latent = vae.encode(subject[..., :3])
         patched = model.clone()

@@ -23,6 +23,7 @@ from comfy_api.latest import io
 
 from faithful_inpaint.kernels import toy_world as tw
 from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.inputs import check_choice
 from faithful_inpaint.patching.toy_world import load_clip_vision, load_toy_world
 
 FOLDER = "toy_world"
@@ -150,6 +151,7 @@ class ToyWorldScene(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed: int, kind: str) -> io.NodeOutput:
+        check_choice("ToyWorldScene", "kind", kind, tw.CASE_KINDS)
         case = tw.make_case(seed, kind)
         image = torch.from_numpy(np.ascontiguousarray(case.scene.image()))[None]
         mask = torch.from_numpy(case.mask_image())[None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from faithful_inpaint.kernels import sr_blend
+from faithful_inpaint.patching.inputs import check_choice
 from faithful_inpaint.patching.upscale import NODE_ID, VAE_TILING, conditional_upscale
 
 
@@ -67,6 +68,7 @@ class InpaintConditionalUpscale(io.ComfyNode):
     def execute(cls, model, vae, positive, negative, image, mask, low_res, seed, steps, cfg, noise_level,
                 mask_dilation, mask_blur, poisson_dilation, poisson_padding, vae_tiling, tile_size
                 ) -> io.NodeOutput:
+        check_choice(NODE_ID, "vae_tiling", vae_tiling, VAE_TILING)
         result = conditional_upscale(
             model, vae, positive, negative, image, mask, low_res, seed=seed, steps=steps, cfg=cfg,
             noise_level=noise_level, mask_dilation=mask_dilation, mask_blur=mask_blur,

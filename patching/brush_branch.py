@@ -44,6 +44,7 @@ from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.kernels.batch import COND, chunks
 from faithful_inpaint.kernels.brush_branch import LATENT_CHANNELS, BranchConfig, BranchOutput, BrushBranch
 from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.model_files import read_model_file
 from faithful_inpaint.patching.painternet import with_attention_control
 from faithful_inpaint.patching.schedule import ScheduleWindow
 
@@ -298,16 +299,6 @@ class LoadedBranch:
     task_vectors: dict = field(default_factory=dict)   # PowerPaint: {"P_obj": [10, 768], ...}
 
 
-def _read(path: str, node: str, input_name: str):
-    import comfy.utils
-
-    try:
-        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    except Exception as err:  # unreadable, truncated, or a pickle that safe loading refuses
-        raise NodeInputError(node, input_name, f"cannot read {os.path.basename(path)}: {err}") from err
-    return sd, (metadata or {})
-
-
 def _peek(path: str, node: str, input_name: str):
     """({key: shape}, metadata) of a safetensors file from its header alone (a wrong 7 GB file fails at once);
     None for other formats, which have to be read whole."""
@@ -336,7 +327,7 @@ def _classify(shapes: dict, metadata: dict, path: str, input_name: str) -> brush
 def _kind_of(path: str, input_name: str) -> brush_files.FileKind:
     peeked = _peek(path, LOADER_NODE, input_name)
     if peeked is None:
-        sd, metadata = _read(path, LOADER_NODE, input_name)
+        sd, metadata = read_model_file(path, LOADER_NODE, input_name)
         peeked = ({k: tuple(v.shape) for k, v in sd.items()}, metadata)
         del sd
     return _classify(*peeked, path, input_name)
@@ -356,7 +347,7 @@ def load_branch(path: str, text_encoder_path: Optional[str] = None) -> LoadedBra
     if factory is None:
         raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} is a '{kind.kind}' branch, a "
                              "recipe this version of the pack does not know (update the pack).")
-    sd, _ = _read(path, LOADER_NODE, "branch_name")
+    sd, _ = read_model_file(path, LOADER_NODE, "branch_name")
     with torch.device("meta"):
         module = factory(kind.config if kind.config is not None else kind.branch_config().to_json())
     dtype = branch_dtype()
@@ -387,7 +378,7 @@ def load_powerpaint_text_encoder(path: str):
     if kind.kind != "powerpaint_text_encoder":
         raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", f"{os.path.basename(path)} is {kind.label}, "
                              "not PowerPaint's text encoder (PowerPaint_Brushnet/pytorch_model.bin of PowerPaint v2).")
-    sd, _ = _read(path, LOADER_NODE, "powerpaint_text_encoder")
+    sd, _ = read_model_file(path, LOADER_NODE, "powerpaint_text_encoder")
     vectors = {t: sd.pop(k).float() for t, k in brush_files.powerpaint_task_keys().items() if k in sd}
     missing = set(brush_files.POWERPAINT_TASK_TOKENS) - set(vectors)
     if missing:
@@ -396,9 +387,31 @@ def load_powerpaint_text_encoder(path: str):
     wrapped = "text_model.embeddings.token_embedding.wrapped.weight"
     if wrapped in sd:
         sd["text_model.embeddings.token_embedding.weight"] = sd.pop(wrapped)
+    _check_text_transformer(sd, os.path.basename(path))
     clip = comfy.sd.load_text_encoder_state_dicts(state_dicts=[sd], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION,
                                                   embedding_directory=folder_paths.get_folder_paths("embeddings"))
     return clip, vectors
+
+
+def _check_text_transformer(sd: dict, name: str) -> None:
+    """PowerPaint's text encoder must hold the whole CLIP-L text transformer, as ComfyUI's SD1 CLIP names it: ComfyUI
+    would load a partial one without a word and encode with uninitialised weights."""
+    import comfy.sd1_clip
+
+    prefix = "clip_l.transformer."
+    with torch.device("meta"):
+        reference = comfy.sd1_clip.SD1ClipModel(device="meta").state_dict()
+    expected = {k[len(prefix):]: tuple(v.shape) for k, v in reference.items() if k.startswith(prefix + "text_model.")}
+    missing = sorted(k for k in expected if k not in sd)
+    wrong = sorted(k for k in expected if k in sd and tuple(sd[k].shape) != expected[k])
+    if missing or wrong:
+        what = (f"{len(missing)} of the {len(expected)} tensors of the CLIP-L text transformer are missing "
+                f"(e.g. {missing[:3]})" if missing else "")
+        what += ("; " if missing and wrong else "") + (f"{len(wrong)} have the wrong shape (e.g. {wrong[0]}: "
+                                                       f"{tuple(sd[wrong[0]].shape)}, expected {expected[wrong[0]]})"
+                                                       if wrong else "")
+        raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", f"{name} is not a complete PowerPaint text "
+                             f"encoder: {what}. Use PowerPaint_Brushnet/pytorch_model.bin of PowerPaint v2.")
 
 
 def encode_task_prompt(clip, vectors: dict, task: str) -> torch.Tensor:

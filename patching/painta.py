@@ -5,8 +5,9 @@ Per active transformer block (chosen resolution, inside the schedule window, non
      and keeps q, k, v and that output for step 2;
   2. a ``middle_patch`` (called right after ``x = x + self_attention``) gets h = x + y, computes c_j from the
      block's own cross-attention projections on norm2(h) and the region prompt (conditional rows; the same c is used
-     for the unconditional rows), recomputes the masked rows with eq. (5) and adds the difference through the
-     block's to_out. Rows of unmasked queries are untouched.
+     for the unconditional rows), recomputes the masked rows with eq. (5) -- through the earlier replace when there
+     is one, so its effect is kept there too -- and adds the difference through the block's to_out. Rows of
+     unmasked queries are untouched.
 Nothing is kept on the model: the patches live in the clone's model_options and per-call state in this object.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class _Pending:
     v: torch.Tensor
     plain: torch.Tensor
     extra_options: dict
+    previous: object = None            # the attn1 replace installed before PAIntA on this block, if any
 
 
 @dataclass
@@ -74,7 +76,7 @@ class PAIntAHooks:
             else:
                 out = host_attention(q, k, v, extra_options)
             if self.window.contains(extra_options["sigmas"]):
-                self._pending[key] = _Pending(q, k, v, out, extra_options)
+                self._pending[key] = _Pending(q, k, v, out, extra_options, previous)
             return out
 
         return attn1_replace
@@ -95,7 +97,9 @@ class PAIntAHooks:
         relevance = relevance.repeat(batch // relevance.shape[0], 1)
         heads = extra_options["n_heads"]
 
-        def attention(q, k, v, heads_):
+        def attention(q, k, v, heads_):   # the masked rows' attention, computed the way step 1 computed `plain`
+            if pending.previous is not None:
+                return pending.previous(q, k, v, pending.extra_options)
             return host_attention(q, k, v, pending.extra_options)
 
         new = painta_attention(pending.q, pending.k, pending.v, heads, relevance.to(pending.q.dtype), query_mask,

@@ -24,6 +24,7 @@ from faithful_inpaint.patching.gradients import enable_gradients, for_autograd, 
 
 GUIDE_KEY = "faithful_inpaint_rasg"
 SAMPLER_NODE = "RASGSampler"
+GUIDANCE_NODE = "RASGGuidance"
 
 
 @dataclass(eq=False)
@@ -88,6 +89,10 @@ def _guide(extra_args) -> RASGGuide:
 
 def _latent_mask(guide: RASGGuide, extra_args, x) -> torch.Tensor:
     if guide.mask is not None:
+        b = guide.mask.shape[0]
+        if b != 1 and x.shape[0] % b:
+            raise NodeInputError(GUIDANCE_NODE, "mask", f"{b} masks for a latent batch of {x.shape[0]}: give one mask, "
+                                 "or one per image (a batch that divides the latent batch is repeated).")
         return mask_ops.resize(mask_ops.as_batch(guide.mask), x.shape[-2], x.shape[-1])
     denoise_mask = extra_args.get("denoise_mask")
     if denoise_mask is None:

@@ -18,6 +18,7 @@ import torch
 
 from faithful_inpaint.kernels import toy_world as tw
 from faithful_inpaint.patching.image_prompt import clip_vision_from_config
+from faithful_inpaint.patching.model_files import read_model_file
 
 
 
@@ -136,12 +137,10 @@ CLIP_VISION_CONFIG = {"model_type": "clip_vision_model", "image_size": 64, "patc
                       "dropout": 0.0}
 
 
-def load_clip_vision(path: str):
+def load_clip_vision(path: str, node: str = "ToyWorldClipVisionLoader", input_name: str = "clip_vision"):
     """The toy CLIP_VISION from a file written by ``training/toy_world.py --make-clip-vision``."""
-    import comfy.utils
-
-    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    meta = json.loads((metadata or {}).get(tw.META_KEY, "{}"))
+    sd, metadata = read_model_file(path, node, input_name)
+    meta = json.loads(metadata.get(tw.META_KEY, "{}"))
     if meta.get("kind") != "clip_vision":
         raise ValueError(f"{path} is not a toy-world CLIP vision file (its {tw.META_KEY} metadata has no "
                          "kind 'clip_vision')")
@@ -152,12 +151,10 @@ def load_clip_vision(path: str):
     return model
 
 
-def read_checkpoint(path: str) -> tuple[dict, dict]:
+def read_checkpoint(path: str, node: str = "ToyWorldLoader", input_name: str = "checkpoint") -> tuple[dict, dict]:
     """(tensors, the toy metadata) of a toy checkpoint file."""
-    import comfy.utils
-
-    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    if not metadata or tw.META_KEY not in metadata:
+    sd, metadata = read_model_file(path, node, input_name)
+    if tw.META_KEY not in metadata:
         raise ValueError(f"{path} is not a toy-world checkpoint (no {tw.META_KEY} metadata)")
     meta = json.loads(metadata[tw.META_KEY])
     if meta.get("kind", "checkpoint") != "checkpoint":

@@ -32,6 +32,7 @@ import torch
 from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.kernels import sr_blend
 from faithful_inpaint.patching.errors import NodeInputError
+from faithful_inpaint.patching.inputs import check_choice, check_image, check_mask
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +148,11 @@ def _expand(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _check_image(name: str, x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] < 3:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise NodeInputError(NODE_ID, name, f"expected an IMAGE [B, H, W, 3], got {shape}.")
-    return x[..., :3].float()
+    return check_image(NODE_ID, name, x)[..., :3].float()
 
 
 def _use_tiles(vae_tiling: str, height: int, width: int) -> bool:
-    if vae_tiling not in VAE_TILING:
-        raise NodeInputError(NODE_ID, "vae_tiling", f"must be one of {VAE_TILING}, not {vae_tiling!r}.")
+    check_choice(NODE_ID, "vae_tiling", vae_tiling, VAE_TILING)
     return vae_tiling == "always" or (vae_tiling == "auto" and height * width > AUTO_TILE_PIXELS)
 
 
@@ -202,12 +199,7 @@ def conditional_upscale(model, vae, positive, negative, image, mask, low_res, *,
     check_vae(vae)
     image = _check_image("image", image)
     low_res = _check_image("low_res", low_res)
-    if not isinstance(mask, torch.Tensor):
-        raise NodeInputError(NODE_ID, "mask", f"expected a MASK tensor, got {type(mask).__name__}.")
-    try:
-        m = mask_ops.as_batch(mask)
-    except ValueError as e:
-        raise NodeInputError(NODE_ID, "mask", str(e)) from None
+    m = check_mask(NODE_ID, "mask", mask)
     if not (0 <= noise_level <= sr_blend.NOISE_LEVEL_MAX):
         raise NodeInputError(NODE_ID, "noise_level", f"must be in [0, {sr_blend.NOISE_LEVEL_MAX}], not {noise_level}.")
     if steps < 1:

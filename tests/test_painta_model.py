@@ -146,6 +146,38 @@ def test_chains_an_attn1_replace_installed_before(sd15):
     assert calls and torch.equal(both_idle, only_other)
 
 
+def test_an_earlier_attn1_replace_also_computes_the_masked_rows(sd15):
+    """With a non-empty mask the masked rows are recomputed through the replace installed before PAIntA: with c = 1
+    PAIntA is then exactly that replace alone (recomputing them with ComfyUI's attention dropped the replace's
+    halving there), and with the real c the replace sees the scaled keys."""
+    from comfy.ldm.modules import attention
+
+    keys_seen = []
+
+    def halving(q, k, v, extra_options):
+        keys_seen.append(k)
+        return attention.optimized_attention(q, k, v, extra_options["n_heads"]) * 0.5
+
+    first = sd15.clone()
+    for key in [("input", 4, 0), ("input", 5, 0), ("output", 0, 0), ("output", 1, 0)]:
+        first.set_model_attn1_replace(halving, *key)
+    x, ctx = inputs()
+    only_halving = forward(first, x, 3.0, ctx)
+    assert not torch.equal(only_halving, forward(sd15, x, 3.0, ctx))          # the replace changes the output
+    keys_seen.clear()
+    assert torch.equal(forward(patched(first, square_mask(), override=torch.ones_like), x, 3.0, ctx), only_halving)
+    plain_calls = len(keys_seen)
+
+    def scaled_copy(a, b):   # b is a with every key token multiplied by its own factor (c_j)
+        return a.shape == b.shape and not torch.equal(a, b) and torch.allclose(b, a * (b[..., :1] / a[..., :1]),
+                                                                               rtol=1e-4, atol=1e-5)
+
+    keys_seen.clear()
+    chained = forward(patched(first, square_mask()), x, 3.0, ctx)
+    assert not torch.equal(chained, only_halving) and len(keys_seen) == plain_calls > 4   # masked rows: the replace
+    assert any(scaled_copy(a, b) for a, b in zip(keys_seen, keys_seen[1:]))               # ... on the scaled keys
+
+
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl"])
 def test_through_comfy_sampling(family):
     model = build_model(family)

@@ -314,14 +314,15 @@ def test_cli_subprocess_exit_code(tmp_path):
 
 
 def test_branch_option_points_the_bundled_branch_workflows_at_a_users_file(tmp_path, monkeypatch):
-    """--branch FILE: the file is linked into models/inpaint and its name replaces the branch loader's file in the
-    bundled brushnet / painternet / mtadiffusion workflows (the prompt is captured, not run)."""
+    """--branch FILE: the file is linked into the run's own models/inpaint folder and its name replaces the branch
+    loader's file in the bundled brushnet / painternet / mtadiffusion workflows (the prompt is captured, not run)."""
     import folder_paths
 
-    prompts = []
+    prompts, found = [], []
 
     def capture(prompt, workflow=None, on_message=None):
         prompts.append(prompt)
+        found.append(Path(folder_paths.get_full_path("inpaint", "my_branch.safetensors")).resolve())
         return types.SimpleNamespace(image_files=lambda: [])
 
     monkeypatch.setattr(run, "run_prompt", capture)
@@ -333,4 +334,5 @@ def test_branch_option_points_the_bundled_branch_workflows_at_a_users_file(tmp_p
         assert code == 0, name
         loaders = [n["inputs"] for n in prompts[-1].values() if n["class_type"] == "BrushBranchLoader"]
         assert [i["branch_name"] for i in loaders] == ["my_branch.safetensors"], name
-    assert Path(folder_paths.get_full_path("inpaint", "my_branch.safetensors")).resolve() == user.resolve()
+    assert found == [user.resolve()] * 3
+    assert folder_paths.get_full_path("inpaint", "my_branch.safetensors") is None   # registered for the run only

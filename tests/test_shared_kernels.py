@@ -121,3 +121,22 @@ def test_chunks_follow_cond_or_uncond_order():
     assert batch.cond_slice([1], 2) is None
     with pytest.raises(ValueError):
         batch.chunks([0, 1], 3)
+
+
+def test_mask_levels_preview_of_an_8192_px_mask_is_small_and_exact():
+    """An 8192 x 8192 mask gives 1024 px tiles (about 50 MB instead of about 1.5 GB), each the level mask PAIntA sees,
+    nearest-upscaled; a small mask keeps its size."""
+    from faithful_inpaint.kernels.previews import mask_levels_preview
+
+    mask = torch.zeros(1, 1, 8192, 8192)
+    mask[..., 1000:5000, 3000:7777] = 1
+    preview = mask_levels_preview(mask, (1, 2, 4, 8))
+    assert preview.shape == (1, 1024, 4 * 1024 + 3 * 2, 3)
+    assert preview.numel() * preview.element_size() < 60 * 2**20
+    for i, d in enumerate((1, 2, 4, 8)):
+        side = 1024 // d                                         # the level: 8192 / 8 / d tokens a side
+        level = masks.binary(masks.resize(mask, side, side))[0, 0]
+        tile = preview[0, :, i * 1026:i * 1026 + 1024, 0]
+        assert torch.equal(tile[::d, ::d], level)
+    small = mask_levels_preview(torch.ones(1, 1, 64, 48), (2,))
+    assert small.shape == (1, 64, 48, 3)

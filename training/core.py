@@ -7,7 +7,9 @@ What it does, once, for every task:
   * an exponential moving average of the trained weights (optional, used for validation and export);
   * logging (``log.jsonl`` in the output folder, plus TensorBoard / W&B through accelerate's trackers);
   * checkpoints every N steps, written to ``checkpoint-XXXXXXXX.tmp`` and renamed when complete (a kill never
-    leaves a half-written checkpoint that looks complete), the oldest beyond ``keep_checkpoints`` deleted;
+    leaves a half-written checkpoint that looks complete), the oldest beyond ``keep_checkpoints`` deleted; the
+    core's own states (LR schedule, train state, EMA) are JSON + safetensors, never pickles, and a checkpoint
+    holding a pickle that does not load with ``weights_only`` is refused (:class:`CheckpointRefused`);
   * EXACT resume from the newest complete checkpoint: model, optimizer, scheduler, EMA, every process's RNG
     states (accelerate), and the data position (epoch and micro-batches consumed, see ``ResumableSampler``);
     a run resumed after a kill continues with the same batches, noise and weights as an uninterrupted one
@@ -22,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -36,6 +39,14 @@ import torch.nn as nn
 from faithful_inpaint.training.data import ResumableSampler
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CORE_STATE_FILE = "core_state.json"         # LR schedule, train state, EMA step count (JSON)
+EMA_FILE = "ema.safetensors"                # the EMA's shadow weights
+ACCELERATE_PICKLES = re.compile(r"^random_states_\d+\.pkl$")   # accelerate's RNG states, read with weights_only
+
+
+class CheckpointRefused(RuntimeError):
+    """A checkpoint folder holds a file the core will not load (a pickle that is not plain tensors and numbers,
+    or one it did not write); the message names the file."""
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -297,15 +308,14 @@ def train(config: CoreConfig, task: Task, callbacks: tuple = ()) -> RunResult:
     trainable = accelerator.unwrap_model(model).trainable
     state = TrainState(world_size=accelerator.num_processes, batch_size=config.batch_size)
     # The scheduler is stepped here once per optimizer step (not through accelerate, which steps it once per
-    # process), and saved with the checkpoint like the EMA and the train state.
-    accelerator.register_for_checkpointing(scheduler, state)
+    # process); it, the train state and the EMA are saved by the core as JSON + safetensors (accelerate would
+    # pickle them as "custom states", and load those pickles with weights_only=False).
     ema = EMA(trainable, config.ema_decay) if config.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    core_states = CoreStates(scheduler, state, ema)
 
     resume_from = _resume_path(config.resume, ckpt_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from, core_states)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
         if (state.world_size, state.batch_size) != (accelerator.num_processes, config.batch_size):
             accelerator.print("warning: the number of processes or the batch size changed; the data position "
@@ -361,7 +371,7 @@ def train(config: CoreConfig, task: Task, callbacks: tuple = ()) -> RunResult:
             if state.step % config.log_every == 0 or state.step == config.max_steps:
                 _log(accelerator, log_file, state, step_losses, scheduler, started, start_step, config)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                save_checkpoint(accelerator, ckpt_dir, state.step, config.keep_checkpoints)
+                save_checkpoint(accelerator, ckpt_dir, state.step, config.keep_checkpoints, core_states)
             if config.validate_every and state.step % config.validate_every == 0:
                 _validate(accelerator, task, trainable, ema, state.step, out)
             if state.step >= config.max_steps:
@@ -377,7 +387,7 @@ def train(config: CoreConfig, task: Task, callbacks: tuple = ()) -> RunResult:
     if accelerator.device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(accelerator.device)
     if not (config.checkpoint_every and state.step % config.checkpoint_every == 0):
-        save_checkpoint(accelerator, ckpt_dir, state.step, config.keep_checkpoints)
+        save_checkpoint(accelerator, ckpt_dir, state.step, config.keep_checkpoints, core_states)
     if not config.validate_every or state.step % config.validate_every:
         _validate(accelerator, task, trainable, ema, state.step, out)
     if main:
@@ -407,15 +417,92 @@ def _resume_path(resume: str, ckpt_dir: Path) -> Optional[Path]:
     return path
 
 
-def save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> Path:
-    """accelerate's full state into ``checkpoint-<step>.tmp``, renamed to ``checkpoint-<step>`` once every process
-    has written its part; then the oldest complete checkpoints beyond ``keep`` are removed."""
+@dataclass
+class CoreStates:
+    """The core's own states saved with every checkpoint, beside accelerate's (model, optimizer, RNG)."""
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_state: TrainState
+    ema: Optional[EMA] = None
+
+    def save(self, folder: Path) -> None:
+        """``core_state.json`` (scheduler, train state, EMA step count; JSON floats round-trip exactly) and
+        ``ema.safetensors``."""
+        from safetensors.torch import save_file
+
+        record = {"scheduler": self.scheduler.state_dict(), "train_state": self.train_state.state_dict()}
+        if self.ema is not None:
+            record["ema"] = {"decay": self.ema.decay, "updates": self.ema.updates}
+            save_file({n: t.detach().contiguous().cpu() for n, t in self.ema.shadow.items()}, str(folder / EMA_FILE))
+        (folder / CORE_STATE_FILE).write_text(json.dumps(record))
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = folder / CORE_STATE_FILE
+        if not path.is_file():
+            raise CheckpointRefused(f"{path} is missing: not a checkpoint of this training core (checkpoints written "
+                                    "before it stored its states as JSON pickled them, and pickles are not loaded); "
+                                    "start again with --resume none")
+        try:
+            record = json.loads(path.read_text())
+            self.scheduler.load_state_dict(record["scheduler"])
+            self.train_state.load_state_dict(record["train_state"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointRefused(f"{path}: not a training-core state ({type(err).__name__}: {err})") from err
+        if self.ema is not None:
+            if "ema" not in record or not (folder / EMA_FILE).is_file():
+                raise CheckpointRefused(f"{folder} has no EMA state, but this run has --ema-decay "
+                                        f"{self.ema.decay}; resume with the options of the run that wrote it")
+            try:
+                shadow = load_file(str(folder / EMA_FILE))
+            except Exception as err:
+                raise CheckpointRefused(f"{folder / EMA_FILE}: not a safetensors file ({err})") from err
+            if shadow.keys() != self.ema.shadow.keys():
+                raise CheckpointRefused(f"{folder / EMA_FILE}: its weights are not those of the trained modules")
+            self.ema.load_state_dict({**record["ema"], "shadow": shadow})
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Refuse a checkpoint folder with a pickle the core does not expect (accelerate's ``custom_checkpoint_*.pkl``
+    is unpickled with weights_only=False, i.e. it can run code), or RNG states that are not plain data."""
+    from accelerate.utils import load
+
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".pkl" and not ACCELERATE_PICKLES.match(path.name):
+            raise CheckpointRefused(f"{path}: refused, a pickle the training core does not write (loading it could "
+                                    "run code); this core keeps its states in core_state.json / ema.safetensors")
+        if ACCELERATE_PICKLES.match(path.name):
+            try:
+                load(path)   # weights_only, with accelerate's allow-list for numpy's RNG state
+            except Exception as err:
+                raise CheckpointRefused(f"{path}: refused, not plain RNG state data ({type(err).__name__}: "
+                                        f"{str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+def load_checkpoint(accelerator, folder: Path, core_states: CoreStates) -> None:
+    """accelerate's state (model: safetensors; optimizer, RNG: torch.load with weights_only) and the core's, after
+    :func:`check_checkpoint_files`; any file that would need a full unpickler raises :class:`CheckpointRefused`."""
+    folder = Path(folder)
+    check_checkpoint_files(folder)
+    try:
+        accelerator.load_state(str(folder))
+    except pickle.UnpicklingError as err:
+        raise CheckpointRefused(f"{folder}: refused, a file in it is not plain tensor data "
+                                f"({str(err).splitlines()[0]})") from err
+    core_states.load(folder)
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, keep: int, core_states: CoreStates) -> Path:
+    """accelerate's full state and the core's states into ``checkpoint-<step>.tmp``, renamed to ``checkpoint-<step>``
+    once every process has written its part; then the oldest complete checkpoints beyond ``keep`` are removed."""
     final = folder / f"checkpoint-{step:08d}"
     tmp = folder / (final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        core_states.save(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for f in tmp.rglob("*"):

@@ -37,6 +37,13 @@ from PIL import Image
 from faithful_inpaint.training import masks as M
 
 IMAGE_EXTENSIONS = ("image.png", "image.jpg", "image.jpeg", "image.webp")
+KEY = "__key__"            # in an index entry: the sample's key (its members' names up to the first dot)
+INDEX_VERSION = 2
+
+
+class ShardError(ValueError):
+    """A shard that cannot be read, or a member of it that cannot be decoded; the message names the shard file and,
+    where there is one, the member."""
 
 
 class ShardWriter:
@@ -91,25 +98,37 @@ def _png(image: Image.Image) -> bytes:
 
 
 def index_shard(path: Path) -> list[dict[str, list[int]]]:
-    """[{member suffix: [offset, size]}] per sample key, in the shard's order; cached beside the shard."""
+    """[{member suffix: [offset, size], KEY: key}] per sample key, in the shard's order; cached beside the shard.
+    A file that is not a tar archive, or is cut short, raises :class:`ShardError` naming it (and the member)."""
     stat = path.stat()
     cache = path.with_name(path.name + ".index.json")
     if cache.is_file():
-        data = json.loads(cache.read_text())
-        if data.get("size") == stat.st_size and data.get("mtime") == stat.st_mtime_ns:
+        try:
+            data = json.loads(cache.read_text())
+        except ValueError:
+            data = {}
+        if (data.get("size"), data.get("mtime"), data.get("version")) == (stat.st_size, stat.st_mtime_ns,
+                                                                          INDEX_VERSION):
             return data["samples"]
-    samples: dict[str, dict[str, list[int]]] = {}
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, suffix = base.partition(".")
-            samples.setdefault(key, {})[suffix.lower()] = [member.offset_data, member.size]
+    samples: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if member.offset_data + member.size > stat.st_size:
+                    raise ShardError(f"{path}: member {member.name} is cut short ({member.size} bytes announced, "
+                                     f"{max(0, stat.st_size - member.offset_data)} present): a truncated shard")
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, suffix = base.partition(".")
+                samples.setdefault(key, {KEY: key})[suffix.lower()] = [member.offset_data, member.size]
+    except (tarfile.TarError, EOFError) as err:
+        raise ShardError(f"{path}: not a readable tar shard ({type(err).__name__}: {err})") from None
     result = list(samples.values())
     try:
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"size": stat.st_size, "mtime": stat.st_mtime_ns, "samples": result}))
+        tmp.write_text(json.dumps({"size": stat.st_size, "mtime": stat.st_mtime_ns, "version": INDEX_VERSION,
+                                   "samples": result}))
         os.replace(tmp, cache)
     except OSError:
         pass                                     # read-only data folder: index again next time
@@ -144,7 +163,8 @@ class ShardDataset(torch.utils.data.Dataset):
         for s, shard in enumerate(self.shards):
             for members in index_shard(shard):
                 if not any(ext in members for ext in IMAGE_EXTENSIONS) or "global.txt" not in members:
-                    raise ValueError(f"{shard}: a sample lacks an image or a global caption ({sorted(members)})")
+                    raise ShardError(f"{shard}: sample {members[KEY]} lacks an image or a global caption "
+                                     f"({sorted(m for m in members if m != KEY)})")
                 self.entries.append((s, members))
         self.resolution = resolution
         self.policy = policy or MaskPolicy()
@@ -153,23 +173,44 @@ class ShardDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _read(self, shard: int, span: list[int]) -> bytes:
+    def _read(self, shard: int, members: dict, suffix: str) -> bytes:
+        """The bytes of member ``<key>.<suffix>`` (the whole member, or :class:`ShardError`)."""
+        offset, size = members[suffix]
         with open(self.shards[shard], "rb") as f:
-            f.seek(span[0])
-            return f.read(span[1])
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise ShardError(f"{self.shards[shard]}: member {members[KEY]}.{suffix} is cut short (the shard changed "
+                             "or was truncated after it was indexed)")
+        return data
+
+    def _image(self, shard: int, members: dict, suffix: str, mode: str) -> Image.Image:
+        """Member ``<key>.<suffix>`` decoded completely as a PIL image in ``mode``."""
+        try:
+            with Image.open(io.BytesIO(self._read(shard, members, suffix))) as im:
+                return im.convert(mode)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            if isinstance(err, ShardError):
+                raise
+            raise ShardError(f"{self.shards[shard]}: member {members[KEY]}.{suffix} is not a readable image "
+                             f"({type(err).__name__}: {err})") from None
+
+    def _text(self, shard: int, members: dict, suffix: str) -> str:
+        try:
+            return self._read(shard, members, suffix).decode().strip()
+        except UnicodeDecodeError as err:
+            raise ShardError(f"{self.shards[shard]}: member {members[KEY]}.{suffix} is not UTF-8 text "
+                             f"({err})") from None
 
     def __getitem__(self, key: int) -> dict:
         epoch, index = divmod(int(key), len(self.entries))
         rng = np.random.default_rng([self.seed, epoch, index])
         shard, members = self.entries[index]
         ext = next(e for e in IMAGE_EXTENSIONS if e in members)
-        image = Image.open(io.BytesIO(self._read(shard, members[ext]))).convert("RGB")
-        obj = None
-        if "mask.png" in members:
-            obj = Image.open(io.BytesIO(self._read(shard, members["mask.png"]))).convert("L")
-        global_caption = self._read(shard, members["global.txt"]).decode().strip()
-        local_caption = (self._read(shard, members["local.txt"]).decode().strip()
-                         if "local.txt" in members else global_caption)
+        image = self._image(shard, members, ext, "RGB")
+        obj = self._image(shard, members, "mask.png", "L") if "mask.png" in members else None
+        global_caption = self._text(shard, members, "global.txt")
+        local_caption = self._text(shard, members, "local.txt") if "local.txt" in members else global_caption
 
         image, obj = _resize_crop(image, obj, self.resolution, rng)
         p = self.policy

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import sys
 from pathlib import Path
@@ -75,7 +74,7 @@ from faithful_inpaint.patching import refinenet as prn
 from faithful_inpaint.training import masks as M
 from faithful_inpaint.training.base import FrozenBase, checkpoint_blocks
 from faithful_inpaint.training.core import CoreConfig, Task, add_core_options, core_config_from_args, train
-from faithful_inpaint.training.data import IMAGE_EXTENSIONS, ShardDataset, ShardWriter
+from faithful_inpaint.training.data import IMAGE_EXTENSIONS, KEY, ShardDataset, ShardError, ShardWriter
 
 META_RECIPE = "faithful_inpaint.recipe"
 STAGE_BETA = {1: 1.0, 2: 0.3}                 # sec. 4.4 / 6.2
@@ -114,12 +113,9 @@ class QuadrupleDataset(ShardDataset):
         for shard, members in self.entries:
             missing = [m for m in ("mask.png", SUBJECT_MEMBER, "local.txt") if m not in members]
             if missing:
-                raise ValueError(f"{self.shards[shard]}: a sample lacks {missing} (LAR-Gen needs quadruples: image, "
-                                 "mask, subject, local text)")
+                raise ShardError(f"{self.shards[shard]}: sample {members[KEY]} lacks {missing} (LAR-Gen needs "
+                                 "quadruples: image, mask, subject, local text)")
         self.text_dropout, self.image_dropout, self.morph_prob = text_dropout, image_dropout, morph_prob
-
-    def _image(self, shard: int, members: dict, name: str, mode: str) -> Image.Image:
-        return Image.open(io.BytesIO(self._read(shard, members[name]))).convert(mode)
 
     def __getitem__(self, key: int) -> dict:
         epoch, index = divmod(int(key), len(self.entries))
@@ -128,7 +124,7 @@ class QuadrupleDataset(ShardDataset):
         image = self._image(shard, members, next(e for e in IMAGE_EXTENSIONS if e in members), "RGB")
         obj = self._image(shard, members, "mask.png", "L")
         subject = self._image(shard, members, SUBJECT_MEMBER, "RGB")
-        caption = self._read(shard, members["local.txt"]).decode().strip()
+        caption = self._text(shard, members, "local.txt")
         scene, obj = _zoom_in(image, obj, self.resolution, rng)
         mask = M.augment(M.object_mask(obj, rng, OBJECT_MASK_KINDS) if obj.any() else obj, rng, self.morph_prob)
         subject = _augment_subject(subject, self.resolution, rng)
