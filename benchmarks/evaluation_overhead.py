@@ -3,7 +3,7 @@ workflow run alone (the same prompts through the same warm executor, inputs stag
 
     .venv/bin/python -m faithful_inpaint.benchmarks.evaluation_overhead --cases 10 --steps 20
 
-The workflow is the bundled ProFI-Painter ablation base (workflows/profi_painter_ablation_base.json) with the toy
+The workflow is the bundled ProFI-Painter ablation base (example_workflows/profi_painter_ablation_base.json) with the toy
 9-channel model in place of the SD1.5 checkpoint (256 px, the toy world's cases). Both sides are warmed up by one
 case first (model load); they alternate (alone, harness, harness + metrics, repeated) so that a change of machine
 load shows up as a difference between the repeats; wall and CPU time of the process are both printed. The harness side includes staging the case's image and mask, the
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def toy_ablation_workflow(folder: Path) -> Path:
-    """workflows/profi_painter_ablation_base.json with ToyWorldLoader (toy_world_inpaint) as its checkpoint."""
-    workflow = json.loads((ROOT / "workflows" / "profi_painter_ablation_base.json").read_text())
+    """example_workflows/profi_painter_ablation_base.json with ToyWorldLoader (toy_world_inpaint) as its checkpoint."""
+    workflow = json.loads((ROOT / "example_workflows" / "profi_painter_ablation_base.json").read_text())
     for node in workflow["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
             node["type"], node["widgets_values"] = "ToyWorldLoader", ["toy_world_inpaint.safetensors"]

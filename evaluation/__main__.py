@@ -1,7 +1,7 @@
 """Evaluate workflows on a benchmark: ``python -m faithful_inpaint.evaluation run|TABLE ...`` (docs/evaluation.md).
 
-    python -m faithful_inpaint.evaluation run --dataset folder:my_bench --workflow base=workflows/profi_painter_ablation_base.json \\
-        --workflow painta=workflows/profi_painter_ablation_painta.json --set ckpt=/models/sd15-inpainting.safetensors \\
+    python -m faithful_inpaint.evaluation run --dataset folder:my_bench --workflow base=example_workflows/profi_painter_ablation_base.json \\
+        --workflow painta=example_workflows/profi_painter_ablation_painta.json --set ckpt=/models/sd15-inpainting.safetensors \\
         --metrics psnr_unmasked clip_score --clip /models/clip-vit-base-patch16 --out runs/mine
     python -m faithful_inpaint.evaluation profi-painter --dataset coco:annotations/instances_val2017.json,val2017 \\
         --ckpt dreamshaper_8Inpainting.safetensors --clip clip-vit-base-patch16 --aesthetic-clip clip-vit-large-patch14 \\
@@ -25,7 +25,7 @@ from faithful_inpaint.evaluation.metrics import METRICS, MetricError, MetricFile
 from faithful_inpaint.evaluation.tables import FILE_OPTIONS, TABLES
 from faithful_inpaint.devtools import host
 
-WORKFLOWS = host.PACK_ROOT / "workflows"
+WORKFLOWS = host.PACK_ROOT / "example_workflows"
 
 
 def common(p: argparse.ArgumentParser) -> None:
@@ -96,8 +96,7 @@ def parse_args(argv=None):
 
 
 def table_variants(args, table):
-    from faithful_inpaint.evaluation.generate import workflow_variant
-    from faithful_inpaint.headless.run import stage_model
+    from faithful_inpaint.evaluation.generate import run_folder, workflow_variant
 
     rows = [r for r in table.rows if not args.only or r.name in args.only]
     names = {r.name for r in rows} | {r.baseline for r in rows if r.baseline}
@@ -110,7 +109,7 @@ def table_variants(args, table):
             given = getattr(args, opt)
             if not given:
                 raise MetricError(f"row '{row.name}' needs --{opt.replace('_', '-')} ({FILE_OPTIONS[opt][1]})")
-            values[key] = stage_model(given, FILE_OPTIONS[opt][0])
+            values[key] = run_folder().stage_model(given, FILE_OPTIONS[opt][0])
         values.update(sets)
         variants.append(workflow_variant(row.name, WORKFLOWS / row.workflow, values, baseline=row.baseline))
     return variants

@@ -24,6 +24,7 @@ from faithful_inpaint.evaluation.datasets import Case
 from faithful_inpaint.evaluation.engine import Output, Variant
 
 _session: PromptSession | None = None
+_folder = None
 
 
 def session() -> PromptSession:
@@ -34,11 +35,26 @@ def session() -> PromptSession:
     return _session
 
 
+def run_folder():
+    """This process's temporary run folder (headless.run.RunFolder, created on first use): the staged case images,
+    linked model files and the workflows' outputs go there, nothing into the user's ComfyUI folders."""
+    global _folder
+    if _folder is None:
+        from faithful_inpaint.headless.run import RunFolder
+
+        _folder = RunFolder()
+    return _folder
+
+
 def close_session() -> None:
-    global _session
+    """Release the executor's models and delete the run folder (ComfyUI's folders are restored)."""
+    global _session, _folder
     if _session is not None:
         _session.close()
         _session = None
+    if _folder is not None:
+        _folder.close()
+        _folder = None
 
 
 def load_workflow(path: str | Path) -> dict:
@@ -55,17 +71,12 @@ def is_api_format(workflow: dict) -> bool:
 
 
 def stage_png(data: bytes, stem: str) -> str:
-    """Put PNG bytes into ComfyUI's input folder under a content-hashed name; return the name."""
-    import folder_paths
-
+    """Put PNG bytes into the run folder under a content-hashed name; return the name LoadImage resolves."""
     name = f"{stem}-{hashlib.sha1(data).hexdigest()[:12]}.png"
-    target = Path(folder_paths.get_input_directory()) / "faithful-eval" / name
+    target = run_folder().root / "temp" / name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(target)
-    return f"faithful-eval/{name}"
+        target.write_bytes(data)
+    return f"{name} [temp]"
 
 
 def png_bytes(image) -> bytes:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Row:
     name: str
-    workflow: str                         # a file in workflows/
+    workflow: str                         # a file in example_workflows/
     files: dict = field(default_factory=dict)    # override key -> CLI option naming the user's file
     values: dict = field(default_factory=dict)   # fixed override values
     baseline: str | None = None

@@ -137,18 +137,22 @@ def test_workflow_runs_over_the_cases_through_one_executor(tmp_path):
     assert cached and loader in cached[0]                 # the second case reused the loaded model
     store = RunStore(tmp_path / "out", "base", engine.variant_key(variant, dataset, 0))
     workflow = json.loads(toy_workflow(tmp_path).read_text())
-    for case, record in zip(dataset.cases, records):
-        assert record["seed"] == case.seed and np.isfinite(record["metrics"]["psnr_unmasked"])
-        image, mask = case.inputs()
-        alone = copy.deepcopy(variant.settings["prompt"])
-        apply_overrides(alone, workflow, {"image": [generate.stage_png(generate.image_png(image), "image")],
-                                          "mask": [generate.stage_png(generate.mask_png(mask), "mask")],
-                                          "prompt": [case.prompt], "seed": [case.seed]})
-        (_, _, path), = [f for f in run_prompt(alone, workflow).image_files() if f[0] == variant.settings["output"]]
-        from PIL import Image
+    from PIL import Image
 
-        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")),
-                              (store.output_image(record) * 255).round().astype(np.uint8))
+    try:
+        for case, record in zip(dataset.cases, records):
+            assert record["seed"] == case.seed and np.isfinite(record["metrics"]["psnr_unmasked"])
+            image, mask = case.inputs()
+            alone = copy.deepcopy(variant.settings["prompt"])
+            apply_overrides(alone, workflow, {"image": [generate.stage_png(generate.image_png(image), "image")],
+                                              "mask": [generate.stage_png(generate.mask_png(mask), "mask")],
+                                              "prompt": [case.prompt], "seed": [case.seed]})
+            (_, _, path), = [f for f in run_prompt(alone, workflow).image_files()
+                             if f[0] == variant.settings["output"]]
+            assert np.array_equal(np.asarray(Image.open(path).convert("RGB")),
+                                  (store.output_image(record) * 255).round().astype(np.uint8))
+    finally:
+        generate.close_session()                          # the run folder the staged inputs went to
 
 
 def test_cli_compares_two_workflows_and_writes_the_report(tmp_path, capsys):
