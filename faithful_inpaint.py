@@ -12,3 +12,7 @@ if __name__ == "faithful_inpaint":
     _package = importlib.util.module_from_spec(_spec)
     sys.modules[__name__] = _package
     _spec.loader.exec_module(_package)
+    # The root's folders (kernels, nodes, training, ...) are the package's subpackages, never top-level modules: left
+    # on sys.path, other libraries find them under those bare names (transformers imports any top-level ``kernels``
+    # it can find; ComfyUI has a ``nodes`` of its own). The package is registered now, so the root leaves sys.path.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _root]

@@ -23,6 +23,13 @@ import gc  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _pack_root_off_sys_path():
+    """pytest sets up the repository root as a package (it has an ``__init__.py``) and puts the root back on sys.path;
+    the pack's folders must not be importable under bare names (faithful_inpaint.py says why)."""
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_models_after_each_module():
     """Full-size models loaded by a module's tests are let go before the next module (the suite runs in 24 GB)."""

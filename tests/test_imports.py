@@ -2,6 +2,7 @@
 the layers import only the layers below them (read from the source, docs/layout.md)."""
 import ast
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -48,6 +49,14 @@ def comfyui_top_level_names() -> set:
     root = host.comfyui_path()
     return {p.stem for p in root.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()
             or p.name.startswith("comfy")}
+
+
+def test_the_subpackages_are_not_top_level_modules():
+    """Importing the pack from the repository root takes the root off sys.path, so no library finds ``kernels``,
+    ``nodes``, ``training`` ... of the pack under the bare name (transformers imports a ``kernels`` it can find)."""
+    for package in PACKAGES:
+        spec = importlib.util.find_spec(package)
+        assert spec is None or not (spec.origin or "").startswith(str(ROOT)), (package, spec)
 
 
 def test_every_module_exists_once_under_the_package_name():
