@@ -152,6 +152,9 @@ def build_clip(family: str = "sd15", seed: int = 0):
 
 def build_flux_model(seed: int = 0):
     """A tiny Flux (a DiT, not a UNet): for testing that the pack refuses models it cannot patch."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models as sm
@@ -159,6 +162,10 @@ def build_flux_model(seed: int = 0):
     cfg = {"image_model": "flux", "guidance_embed": False, "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
            "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
            "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True}
+    # ComfyUI 0.4.0 added a required field (which text-id axes carry positions; none for Flux.1, as its
+    # model detection sets); older hosts reject the unknown key, so it is set only where FluxParams has it.
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        cfg["txt_ids_dims"] = []
     with torch.inference_mode():
         model = sm.Flux(cfg).get_model({})
         randomise(model, seed)

@@ -89,13 +89,15 @@ def _vae_sd(ch_mult=(1, 2, 4, 4)) -> dict:
         return _meta_sd(AutoencoderKL(ddconfig=ddconfig, embed_dim=4))
 
 
-def _checkpoint_sd(model_config, clip_sd: dict, vae_sd: dict, drop=("v_pred",)) -> dict:
+def _checkpoint_sd(model_config, clip_sd: dict, vae_sd: dict) -> dict:
+    """A checkpoint's keys as ComfyUI saves them: the model config's own key conversions for the UNet, CLIP and VAE
+    (what ``state_dict_for_saving`` applies; its signature changed after ComfyUI 0.3.75, theirs did not)."""
     # No meta device context here: some model classes build numpy schedules at init (SD_X4Upscaler); the UNet itself
     # honours device="meta".
     model = model_config.get_model({}, device="meta")
-    sd = model.state_dict_for_saving(clip_sd, vae_sd)
-    for k in drop:
-        sd.pop(k, None)
+    sd = model_config.process_unet_state_dict_for_saving(model.diffusion_model.state_dict())
+    sd.update(model_config.process_clip_state_dict_for_saving(clip_sd))
+    sd.update(model_config.process_vae_state_dict_for_saving(vae_sd))
     return sd
 
 

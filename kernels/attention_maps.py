@@ -6,12 +6,17 @@ float32 whatever the input dtype: they feed losses and gradients, and the layer 
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """[b, N, heads * d] -> [b, heads, N, d]."""
-    b, n, dim = t.shape
-    return t.reshape(b, n, heads, dim // heads).transpose(1, 2)
+    return rearrange(t, "b n (h d) -> b h n d", h=heads)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """[b, heads, N, d] -> [b, N, heads * d]."""
+    return rearrange(t, "b h n d -> b n (h d)")
 
 
 def attention_logits(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:

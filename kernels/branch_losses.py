@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import kornia
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -144,10 +145,9 @@ def sobel_edges(images: torch.Tensor, size: tuple[int, int] | None = None) -> to
     averaging down to the latent size.
     """
     gray = (images.float() * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
-    kx = gray.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    kernel = torch.stack([kx, kx.t()]).unsqueeze(1)                # [2, 1, 3, 3]
-    grad = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), kernel)
-    edges = grad.pow(2).sum(dim=1, keepdim=True).sqrt() / (4 * 2 ** 0.5)
+    # kornia's Sobel pads by replication; unnormalised 3x3 kernels and no epsilon inside the root, so a flat
+    # region is exactly 0.
+    edges = kornia.filters.sobel(gray, normalized=False, eps=0.0) / (4 * 2 ** 0.5)
     if size is not None and tuple(edges.shape[-2:]) != tuple(size):
         edges = F.interpolate(edges, size=size, mode="area")
     return edges

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 LATENT_CHANNELS = 4
 MASK_CHANNELS = 1
@@ -255,9 +256,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         ctx = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
-        b, n, inner = q.shape
-        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, inner)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
         return self.to_out[0](out)
 
 
@@ -316,18 +316,18 @@ class Transformer2D(nn.Module):
 
     def attend(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
         """norm, proj_in, the blocks, proj_out: what the transformer adds to ``x`` ([B, out_channels, h, w])."""
-        b, _, h, w = x.shape
+        h, w = x.shape[-2:]
         y = self.norm(x)
         if not self.linear:
             y = self.proj_in(y)
-        y = y.flatten(2).transpose(1, 2)
+        y = rearrange(y, "b c h w -> b (h w) c")
         if self.linear:
             y = self.proj_in(y)
         for blk in self.transformer_blocks:
             y = blk(y, context)
         if self.linear:
             y = self.proj_out(y)
-        y = y.transpose(1, 2).reshape(b, -1, h, w)
+        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
         if not self.linear:
             y = self.proj_out(y)
         return y

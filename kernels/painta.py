@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from faithful_inpaint.kernels.attention_maps import merge_heads, split_heads
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 # The reference implementation's 3x3 smoothing uses per-axis weights exp(-((d - mean) / (2 * 0.5))^2) = exp(-d^2),
@@ -32,11 +34,7 @@ REFERENCE_SMOOTHING_SIGMA = 1 / math.sqrt(2)
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Plain multi-head scaled-dot-product attention on [B, N, heads * d] tensors."""
-    b, n, dim = q.shape
-    d = dim // heads
-    q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, n, dim)
+    return merge_heads(F.scaled_dot_product_attention(*(split_heads(t, heads) for t in (q, k, v))))
 
 
 def token_relevance(q_c: torch.Tensor, k_c: torch.Tensor, heads: int, token_indices: Sequence[int]) -> torch.Tensor:
@@ -45,11 +43,8 @@ def token_relevance(q_c: torch.Tensor, k_c: torch.Tensor, heads: int, token_indi
     q_c [B, N, heads * d] (queries of the cross-attention layer), k_c [B or 1, L, heads * d] (its keys of the
     prompt). Computed in fp32. Returns [B, N].
     """
-    b, n, dim = q_c.shape
-    d = dim // heads
-    q = q_c.float().reshape(b, n, heads, d).transpose(1, 2)
-    k = k_c.float().reshape(k_c.shape[0], k_c.shape[1], heads, d).transpose(1, 2)
-    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # [B, heads, N, L]
+    q, k = split_heads(q_c.float(), heads), split_heads(k_c.float(), heads)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # [B, heads, N, L]
     idx = torch.as_tensor(list(token_indices), device=probs.device, dtype=torch.long)
     return probs.index_select(-1, idx).sum(-1).mean(1)
 

@@ -16,6 +16,7 @@ Conventions: images are float [B, H, W, C] in [0, 1] (ComfyUI IMAGE) unless stat
 """
 from __future__ import annotations
 
+import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -88,22 +89,21 @@ def torchvision_sigma(kernel_size: int) -> float:
 
 
 def gaussian_blur_k(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur of [B, C, H, W] with an odd ``kernel_size`` and reflect padding (torchvision's
-    gaussian_blur semantics). The support is finite: a value stays exactly 0 farther than k // 2 from any non-zero."""
+    """Gaussian blur of [B, C, H, W] with an odd ``kernel_size`` (an even one grows by 1), torchvision's sigma rule
+    and reflect padding (torchvision's gaussian_blur semantics); an axis no longer than k // 2 pads by replication,
+    where reflection is undefined. The support is finite: a value stays exactly 0 farther than k // 2 from any
+    non-zero."""
     if kernel_size <= 1:
         return x
     if kernel_size % 2 == 0:
         kernel_size += 1
     r = kernel_size // 2
-    sigma = torchvision_sigma(kernel_size)
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x)
-    c = x.shape[1]
+    k = kornia.filters.get_gaussian_kernel1d(kernel_size, torchvision_sigma(kernel_size), device=x.device,
+                                              dtype=x.dtype)                      # [1, k]
     mode_h = "reflect" if x.shape[-1] > r else "replicate"
     mode_v = "reflect" if x.shape[-2] > r else "replicate"
-    y = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode_h), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(y, (0, 0, r, r), mode=mode_v), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    y = kornia.filters.filter2d(x, k[:, None, :], border_type=mode_h)              # along W
+    return kornia.filters.filter2d(y, k[:, :, None], border_type=mode_v)           # along H
 
 
 def x0_blend_mask(mask_hr: torch.Tensor, latent_hw: tuple[int, int], dilation: int = REFERENCE_MASK_DILATION,

@@ -24,7 +24,7 @@ import torch
 
 from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.kernels import pilot as pilot_math
-from faithful_inpaint.kernels.attention_maps import split_heads
+from faithful_inpaint.kernels.attention_maps import merge_heads, split_heads
 from faithful_inpaint.patching.attention_capture import AttentionRecorder
 from faithful_inpaint.patching.blocks import host_attention, previous_replace, transformer_blocks
 from faithful_inpaint.patching.errors import NodeInputError
@@ -131,7 +131,7 @@ def _boundary_override(guide: PILOTGuide, prior, layer_options):
         if (fg is None or skip_reshape or mask is not None or k.shape[1] % WINDOW != 0
                 or q.shape[1] != height * width):
             return passthrough()
-        b, n, dim = q.shape
+        b, _, dim = q.shape
         qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
         probs = ((qh.float() @ kh.float().transpose(-1, -2)) * (dim // heads) ** -0.5).softmax(-1)
         full = mask_ops.match_batch(pilot_math.fully_foreground(fg, height, width), b).to(probs.device)
@@ -141,7 +141,7 @@ def _boundary_override(guide: PILOTGuide, prior, layer_options):
         out = probs.to(vh.dtype) @ vh                                   # [b, heads, n, d]
         if skip_output_reshape:
             return out
-        return out.transpose(1, 2).reshape(b, n, dim)
+        return merge_heads(out)
 
     return override
 

@@ -1,8 +1,11 @@
 """Token selection, masks and cond/uncond layout (kernels/), with ComfyUI's real tokenizers where they matter."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from faithful_inpaint.kernels import batch, masks
+from faithful_inpaint.kernels import batch, masks, sr_blend
 from faithful_inpaint.kernels.tokens import prompt_token_indices, word_count, word_token_indices
 
 
@@ -111,6 +114,53 @@ def test_dilate_and_blur():
     b = masks.blur(m, 1.0)
     assert torch.isclose(b.sum(), torch.tensor(1.0), atol=1e-5)
     assert b[..., 4, 4] < 1 and b[..., 4, 5] > 0
+
+
+def _separable_gaussian(x, sigma, radius, mode):
+    """Reference: normalised samples of exp(-t^2 / 2 sigma^2), t = -radius..radius, one pass per axis."""
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(x)
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode[1]), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode[0]), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def test_blur_is_the_replicate_padded_gaussian():
+    g = torch.Generator().manual_seed(0)
+    m = (torch.rand(2, 1, 37, 53, generator=g) > 0.7).float()
+    for sigma in (0.3, 1.0, 2.5, 6.0):
+        radius = max(1, math.ceil(3 * sigma))
+        assert torch.allclose(masks.blur(m, sigma), _separable_gaussian(m, sigma, radius, ("replicate",) * 2),
+                              atol=1e-6)
+
+
+def test_sr_blend_blur_is_torchvisions_gaussian_blur():
+    from torchvision.transforms.functional import gaussian_blur
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 4, 40, 33, generator=g)
+    for k in (3, 5, 19):
+        assert torch.allclose(sr_blend.gaussian_blur_k(x, k), gaussian_blur(x, [k, k]), atol=1e-6)
+    # An axis no longer than k // 2 cannot reflect; it replicates (torchvision raises there).
+    thin = torch.rand(1, 1, 5, 40, generator=g)
+    sigma = sr_blend.torchvision_sigma(19)
+    assert torch.allclose(sr_blend.gaussian_blur_k(thin, 19), _separable_gaussian(thin, sigma, 9, ("replicate",
+                                                                                                   "reflect")),
+                          atol=1e-6)
+    spot = torch.zeros(1, 1, 32, 32)
+    spot[..., 16, 16] = 1
+    out = sr_blend.gaussian_blur_k(spot, 5)
+    assert (out[..., :14, :] == 0).all() and (out[..., 19:, :] == 0).all() and out[..., 14, 16] > 0
+
+
+def test_dilate_is_kornia_flat_square_dilation():
+    import kornia
+
+    m = (torch.rand(2, 1, 50, 61, generator=torch.Generator().manual_seed(2)) > 0.9).float()
+    for pixels in (1, 4, 19):
+        assert torch.equal(masks.dilate(m, pixels), kornia.morphology.dilation(m, torch.ones(2 * pixels + 1,
+                                                                                          2 * pixels + 1)))
 
 
 # -- cond/uncond ---------------------------------------------------------------------------------------------

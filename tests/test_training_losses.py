@@ -80,6 +80,19 @@ def test_sobel_edges_by_hand():
     assert torch.allclose(down, torch.full((1, 1, 2, 2), 0.5 / math.sqrt(2)), atol=1e-6)
 
 
+def test_sobel_edges_are_the_sobel_formula():
+    image = torch.rand(2, 3, 30, 41, generator=torch.Generator().manual_seed(0))
+    gray = 0.299 * image[:, :1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:]
+    p = torch.nn.functional.pad(gray, (1, 1, 1, 1), mode="replicate")
+    gx = (p[..., :-2, 2:] + 2 * p[..., 1:-1, 2:] + p[..., 2:, 2:]) - (p[..., :-2, :-2] + 2 * p[..., 1:-1, :-2]
+                                                                       + p[..., 2:, :-2])
+    gy = (p[..., 2:, :-2] + 2 * p[..., 2:, 1:-1] + p[..., 2:, 2:]) - (p[..., :-2, :-2] + 2 * p[..., :-2, 1:-1]
+                                                                       + p[..., :-2, 2:])
+    expected = (gx ** 2 + gy ** 2).sqrt() / (4 * math.sqrt(2))
+    assert torch.allclose(L.sobel_edges(image), expected, atol=1e-6)
+    assert L.sobel_edges(torch.full((1, 3, 8, 8), 0.4)).max() < 1e-7     # flat: 0 up to rounding (no epsilon)
+
+
 def test_edge_loss_by_hand():
     pred, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
     assert L.edge_loss(pred, target).item() == pytest.approx(4.0)           # ||.||_F^2 per sample, batch mean
