@@ -43,7 +43,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from faithful_inpaint.kernels import brush_files, mtadiffusion, painternet
+from faithful_inpaint.kernels import branch_families, brush_files
 from faithful_inpaint.kernels import refinenet as rn
 from faithful_inpaint.devtools.random_models import SD_VAE_DDCONFIG, UNET_CONFIGS
 from faithful_inpaint.kernels.brush_branch import BranchConfig
@@ -293,14 +293,32 @@ def _refinenet_parts() -> tuple[dict, dict]:
     return rn.state_dict_for_file(config, encoder, {k: v for k, v in unet.items() if rn.is_trained_in_stage2(k)})
 
 
-def _own_branch_parts(kind: str) -> tuple[dict, dict]:
-    """(tensors, metadata) of the pack's own branch file of ``kind`` made for SD1.5 (docs/brush-branches.md): the branch
-    module's state dict (kernels/painternet.py, kernels/mtadiffusion.py) and its kind/config metadata."""
-    module = {"painternet": painternet, "mtadiffusion": mtadiffusion}[kind]
-    config = module.config_for(dict(_UNET_SD15, in_channels=9))
+def _branch_layout(family: branch_families.BranchFamily, file: branch_families.SmokeFile) -> dict:
+    """A branch family's smoke file: the public (diffusers) layout of a family that has public files, with or without
+    cross-attention as its preset for that base; else the pack's own file (tensors only, see _own_branch_parts)."""
+    if family.public:
+        return _brushnet_layout(file.base, cross_attention=family.public[file.base].cross_attention)
+    return _own_branch_parts(family, file.base)[0]
+
+
+def _own_branch_parts(family: branch_families.BranchFamily, base: str = "sd15") -> tuple[dict, dict]:
+    """(tensors, metadata) of the pack's own branch file of ``family`` made for ``base`` (docs/brush-branches.md): the
+    branch module's state dict (kernels/painternet.py, kernels/mtadiffusion.py) and its kind/config metadata."""
+    config = family.config_for(dict({"sd15": _UNET_SD15, "sdxl": _UNET_SDXL}[base], in_channels=9))
     with torch.device("meta"):
-        branch = module.branch_from_config(config.to_json())
-    return dict(branch.state_dict()), {brush_files.META_KIND: kind, brush_files.META_CONFIG: config.to_json()}
+        branch = family.build(config.to_json())
+    return dict(branch.state_dict()), {brush_files.META_KIND: family.kind, brush_files.META_CONFIG: config.to_json()}
+
+
+def _branch_kinds() -> dict:
+    """The smoke kinds of every branch family's files (kernels/branch_families.py), in the families' order."""
+    kinds = {}
+    for family in branch_families.FAMILIES:
+        for file in family.smoke:
+            own = None if family.public else (lambda f=family, b=file.base: _own_branch_parts(f, b)[1])
+            kinds[file.name] = _Kind("inpaint", file.filename, lambda f=family, x=file: _branch_layout(f, x),
+                                     revision=file.revision, metadata=own)
+    return kinds
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -332,22 +350,11 @@ _SPECS: dict[str, _Kind] = {
                            lambda: _clip_vision_layout("clip_vision_config_g.json")),
     "ipadapter_sdxl": _Kind("ipadapter", "smoke-random_ip-adapter_sdxl.safetensors",
                             lambda: _ipadapter_layout("sdxl", plus=False)),
-    "brushnet_sd15": _Kind("inpaint", "smoke-random_brushnet_sd15.safetensors", lambda: _brushnet_layout("sd15"),
-                           revision=2),
-    "brushnet_sdxl": _Kind("inpaint", "smoke-random_brushnet_sdxl.safetensors", lambda: _brushnet_layout("sdxl"),
-                           revision=2),
-    "powerpaint_sd15": _Kind("inpaint", "smoke-random_powerpaint_v2_brushnet.safetensors",
-                             lambda: _brushnet_layout("sd15", cross_attention=True)),
     "powerpaint_sd15_text_encoder": _Kind("inpaint", "smoke-random_powerpaint_v2_text_encoder.safetensors",
                                           _powerpaint_text_encoder_layout),
     "refinenet_sd15": _Kind("refinenet", "smoke-random_refinenet_sd15-inpainting.safetensors",
                             lambda: _refinenet_parts()[0], metadata=lambda: _refinenet_parts()[1]),
-    "painternet_sd15": _Kind("inpaint", "smoke-random_painternet_sd15.safetensors",
-                             lambda: _own_branch_parts("painternet")[0],
-                             metadata=lambda: _own_branch_parts("painternet")[1]),
-    "mtadiffusion_sd15": _Kind("inpaint", "smoke-random_mtadiffusion_sd15.safetensors",
-                               lambda: _own_branch_parts("mtadiffusion")[0],
-                               metadata=lambda: _own_branch_parts("mtadiffusion")[1]),
+    **_branch_kinds(),
 }
 
 KINDS: tuple[str, ...] = tuple(_SPECS)

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from faithful_inpaint.kernels import mtadiffusion, painternet
+from faithful_inpaint.kernels.branch_families import BY_KIND, FAMILIES, BranchFamily
 from faithful_inpaint.kernels.brush_branch import BranchConfig
 
 META_KIND = "faithful_inpaint.kind"
@@ -25,13 +25,15 @@ META_CONFIG = "faithful_inpaint.config"
 POWERPAINT_TASK_TOKENS = ("P_ctxt", "P_shape", "P_obj")
 _PP_EMBED_PREFIX = "text_model.embeddings.token_embedding.trainable_embeddings."
 
-KIND_NAMES = {"brushnet": "BrushNet", "powerpaint": "PowerPaint v2 (BrushNet_CA)", painternet.KIND: "PainterNet",
-              mtadiffusion.KIND: "MTADiffusion", "powerpaint_text_encoder": "PowerPaint text encoder"}
+POWERPAINT_TEXT_ENCODER = "powerpaint_text_encoder"
+
+# Kind -> name in labels: the branch families' (kernels/branch_families.py) and PowerPaint's text encoder.
+KIND_NAMES = {**{f.kind: f.label for f in FAMILIES}, POWERPAINT_TEXT_ENCODER: "PowerPaint text encoder"}
 
 
 @dataclass(frozen=True)
 class FileKind:
-    kind: str                     # "brushnet" | "powerpaint" | a registered recipe | "powerpaint_text_encoder"
+    kind: str                     # a branch family's kind (kernels/branch_families.py) | "powerpaint_text_encoder"
     family: str                   # "sd15" | "sdxl" (the base model family it pairs with)
     config: Optional[str] = None  # branch config JSON (own files) or None (public files: preset by structure)
     public: bool = True
@@ -42,12 +44,17 @@ class FileKind:
         name = KIND_NAMES.get(self.kind, self.kind)
         return f"{name} {fam}" + ("" if self.public else " (trained with this pack)")
 
+    @property
+    def branch_family(self) -> Optional[BranchFamily]:
+        """The family's record; None for the text encoder and for kinds this version of the pack does not know."""
+        return BY_KIND.get(self.kind)
+
     def branch_config(self) -> BranchConfig:
+        record = self.branch_family
         if self.config is not None:
-            parse = painternet.PainterNetConfig.from_json if self.kind == painternet.KIND else BranchConfig.from_json
-            return parse(self.config)
-        if self.kind == "powerpaint":
-            return BranchConfig.sd15(cross_attention=True)
+            return record.parse_config(self.config) if record else BranchConfig.from_json(self.config)
+        if record and self.family in record.public:
+            return record.public[self.family]
         return BranchConfig.sdxl() if self.family == "sdxl" else BranchConfig.sd15()
 
 
@@ -77,7 +84,7 @@ def classify(shapes: dict[str, tuple], metadata: Optional[dict] = None) -> FileK
                                 f"{' and cross-attention' if attention else ''}, a layout this node does not know "
                                 "(known: BrushNet SD1.5 / SDXL, PowerPaint v2 SD1.5)")
     if any(k.startswith(_PP_EMBED_PREFIX) for k in shapes):
-        return FileKind("powerpaint_text_encoder", "sd15")
+        return FileKind(POWERPAINT_TEXT_ENCODER, "sd15")
     raise UnknownBranchFile(describe(shapes))
 
 

@@ -11,7 +11,6 @@ from comfy_api.latest import io
 
 from faithful_inpaint.kernels.batch import COND, UNCOND
 from faithful_inpaint.kernels.brush_branch import keep_mask_at, masked_image
-from faithful_inpaint.kernels.painternet import KIND as PAINTERNET
 from faithful_inpaint.patching import family
 from faithful_inpaint.patching.brush_branch import (LOADER_NODE, BranchConditioning, BrushBranchHooks, LoadedBranch,
                                                     encode_task_prompt, load_branch, plan_for)
@@ -149,7 +148,8 @@ class BrushBranchApply(io.ComfyNode):
         if n_img != n_mask and 1 not in (n_img, n_mask):
             raise NodeInputError(APPLY_NODE, "mask", f"{n_mask} masks for {n_img} images: give one mask or one per "
                                  "image.")
-        if local_prompt and branch.kind.kind != PAINTERNET:
+        record = branch.kind.branch_family
+        if local_prompt and not record.local_prompt:
             raise NodeInputError(APPLY_NODE, "local_prompt", f"only a PainterNet branch reads a local prompt; "
                                  f"{branch.name} is {branch.kind.label}: disconnect local_prompt.")
 
@@ -158,7 +158,7 @@ class BrushBranchApply(io.ComfyNode):
         masked = latent_format.process_in(vae.encode(masked_image(pixels, m)[..., :3]))
         keep = keep_mask_at(m, masked.shape[-2], masked.shape[-1])
         context = None
-        if branch.kind.kind == "powerpaint":
+        if record.task_prompt:
             context = _powerpaint_context(branch, powerpaint_task, powerpaint_fitting)
         elif local_prompt:
             context = _local_context(local_prompt, negative, fam.context_dim)
@@ -183,7 +183,7 @@ def _check_fit(branch: LoadedBranch, unet) -> None:
     config = branch.patcher.model.config
     plan = plan_for(unet)
     down, _, up = config.residual_channels()
-    missing = check_acp_blocks(unet, config.acp_keys()) if branch.kind.kind == PAINTERNET else []
+    missing = check_acp_blocks(unet, config.acp_keys()) if branch.kind.branch_family.attention_control else []
     if (len(down), len(up)) != (plan.n_down, plan.n_up) or missing:
         raise NodeInputError(APPLY_NODE, "branch", f"{branch.name} does not fit this UNet ({len(down)}/{len(up)} "
                              f"down/up outputs for {plan.n_down}/{plan.n_up}"

@@ -39,10 +39,10 @@ from typing import Callable, Optional
 
 import torch
 
-from faithful_inpaint.kernels import brush_files, mtadiffusion, painternet
+from faithful_inpaint.kernels import branch_families, brush_files
 from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.kernels.batch import COND, chunks
-from faithful_inpaint.kernels.brush_branch import LATENT_CHANNELS, BranchConfig, BranchOutput, BrushBranch
+from faithful_inpaint.kernels.brush_branch import LATENT_CHANNELS, BranchOutput
 from faithful_inpaint.patching.errors import NodeInputError
 from faithful_inpaint.patching.model_files import read_model_file
 from faithful_inpaint.patching.painternet import with_attention_control
@@ -278,15 +278,8 @@ def unet_state_dict_diffusers(model) -> dict:
 LOADER_NODE = "BrushBranchLoader"
 
 
-def _brush_branch(config_json: str) -> BrushBranch:
-    return BrushBranch(BranchConfig.from_json(config_json))
-
-
-# The pack's own branch files: kind (metadata ``faithful_inpaint.kind``) -> builder(config JSON) -> the branch module.
-BRANCH_FACTORIES: dict[str, Callable] = {
-    "brushnet": _brush_branch, "powerpaint": _brush_branch,
-    painternet.KIND: painternet.branch_from_config, mtadiffusion.KIND: mtadiffusion.branch_from_config,
-}
+# Branch kind (metadata ``faithful_inpaint.kind``) -> builder(config JSON) -> the branch module, one per family record.
+BRANCH_FACTORIES: dict[str, Callable] = {f.kind: f.build for f in branch_families.FAMILIES}
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Branch recipes: which branch architecture is trained with which weighted losses.
 
-Adding a recipe is one entry in :data:`RECIPES`; adding an architecture is one entry in :data:`BRANCHES` (and one in
-``patching.brush_branch.BRANCH_FACTORIES`` so ``BrushBranchLoader`` can rebuild it); adding a loss is one entry in
+Adding a recipe is one entry in :data:`RECIPES`; an architecture is a branch family's record
+(kernels/branch_families.py), from which :data:`BRANCHES` is derived; adding a loss is one entry in
 :data:`LOSS_TERMS`. Every loss term reads a :class:`LossContext` (one training step's tensors) and may ask for
 extra trainable modules (the style loss's VGG) with their own learning rate.
 
@@ -29,8 +29,7 @@ import torch.nn as nn
 
 from faithful_inpaint.kernels.attention_maps import attention_maps
 from faithful_inpaint.kernels import branch_losses as L
-from faithful_inpaint.kernels import brush_branch as bb
-from faithful_inpaint.kernels import mtadiffusion, painternet
+from faithful_inpaint.kernels import branch_families
 
 
 @dataclass
@@ -119,26 +118,14 @@ class BranchKind:
     unet_prompt: str = "mask"
 
 
-def _brush_branch(cross_attention: bool):
+def _branch_kind(family: branch_families.BranchFamily) -> BranchKind:
     def build(base, options):
-        config = bb.BranchConfig.from_unet_config(base.unet_config, cross_attention=cross_attention)
-        return bb.BrushBranch.from_unet(base.unet_state_dict_diffusers(), config)
-    return build
+        return family.new_branch(base.unet_state_dict_diffusers(), base.unet_config)
+    return BranchKind(build, unet_prompt="global" if family.local_prompt else "mask")
 
 
-def _from_kernel(new_branch: Callable):
-    """A branch family defined in its own kernels/ module (built from the base UNet like BrushNet)."""
-    def build(base, options):
-        return new_branch(base.unet_state_dict_diffusers(), base.unet_config)
-    return build
-
-
-BRANCHES: dict[str, BranchKind] = {
-    "brushnet": BranchKind(_brush_branch(False)),
-    "powerpaint": BranchKind(_brush_branch(True)),
-    "painternet": BranchKind(_from_kernel(painternet.new_branch), unet_prompt="global"),
-    "mtadiffusion": BranchKind(_from_kernel(mtadiffusion.new_branch)),
-}
+# One entry per family record (kernels/branch_families.py).
+BRANCHES: dict[str, BranchKind] = {f.kind: _branch_kind(f) for f in branch_families.FAMILIES}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,10 +134,17 @@ BRANCHES: dict[str, BranchKind] = {
 
 @dataclass(frozen=True)
 class Recipe:
-    branch: str
+    branch: str                             # a family's kind (kernels/branch_families.py)
     losses: dict                            # term -> weight
     learning_rate: float = 1e-5
     description: str = ""
+
+    def __post_init__(self):
+        if self.branch not in branch_families.BY_KIND:
+            raise ValueError(f"unknown branch {self.branch!r}; known: {sorted(branch_families.BY_KIND)}")
+        unknown = set(self.losses) - set(LOSS_TERMS)
+        if unknown:
+            raise ValueError(f"unknown losses {sorted(unknown)}; known: {sorted(LOSS_TERMS)}")
 
 
 RECIPES: dict[str, Recipe] = {
