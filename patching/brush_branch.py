@@ -332,7 +332,8 @@ def load_branch(path: str, text_encoder_path: Optional[str] = None) -> LoadedBra
     if kind.kind == "powerpaint_text_encoder":
         raise NodeInputError(LOADER_NODE, "branch_name", f"{os.path.basename(path)} is PowerPaint's text encoder; "
                              "choose it as powerpaint_text_encoder and the PowerPaint branch as branch_name.")
-    if kind.kind == "powerpaint" and text_encoder_path is None:
+    task_prompt = kind.branch_family is not None and kind.branch_family.task_prompt      # PowerPaint's task prompts
+    if task_prompt and text_encoder_path is None:
         raise NodeInputError(LOADER_NODE, "powerpaint_text_encoder", "a PowerPaint branch needs its text encoder "
                              "(PowerPaint_Brushnet/pytorch_model.bin, next to the branch in models/inpaint): it "
                              "carries the task prompts.")
@@ -351,7 +352,7 @@ def load_branch(path: str, text_encoder_path: Optional[str] = None) -> LoadedBra
                              f"its tensors do not match that architecture: {str(err)[:400]}") from None
     module.eval().requires_grad_(False)
     loaded = LoadedBranch(branch_patcher(module), kind, os.path.basename(path))
-    if kind.kind == "powerpaint":
+    if task_prompt:
         loaded.task_encoder, loaded.task_vectors = load_powerpaint_text_encoder(text_encoder_path)
     return loaded
 
