@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 GUIDANCE_ID = "RASGGuidance"
 LEVELS = {"1/32 (paper)": (4,), "1/16": (2,), "1/16 + 1/32": (2, 4)}
 SIGMA_RULES = {"paper (eq. 11)": "paper", "reference code": "reference"}
+LAYER_MASKS = {"area >= 0.5": "area", "bicubic > 0.5 (diffusers port)": "bicubic"}
 
 
 class RASGGuidance(io.ComfyNode):
@@ -38,15 +39,21 @@ class RASGGuidance(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="Region to inpaint (1 = regenerate). Without it RASG reads the latent's noise "
                                       "mask (InpaintModelConditioning / SetLatentNoiseMask)."),
+                io.Combo.Input("layer_mask", options=list(LAYER_MASKS), default="area >= 0.5", optional=True,
+                               tooltip="How the mask becomes the target at the attention resolution: a token is "
+                                       "masked when at least half its area is (area >= 0.5), or the HD-Painter "
+                                       "diffusers port's bicubic resize > 0.5 (weighs the block's centre)."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, clip, prompt, attention_resolution, mask=None) -> io.NodeOutput:
+    def execute(cls, model, clip, prompt, attention_resolution, mask=None, layer_mask="area >= 0.5") -> io.NodeOutput:
         family.detect(model, GUIDANCE_ID)
         if attention_resolution not in LEVELS:
             raise NodeInputError(GUIDANCE_ID, "attention_resolution", f"expected one of {list(LEVELS)}")
+        if layer_mask not in LAYER_MASKS:
+            raise NodeInputError(GUIDANCE_ID, "layer_mask", f"expected one of {list(LAYER_MASKS)}")
         _, indices, words = token_positions(clip, prompt)
         if not words:
             log.warning("[Faithful Inpaint] %s: the prompt is empty; RASG will pull only the end-of-text token's "
@@ -57,7 +64,7 @@ class RASGGuidance(io.ComfyNode):
             if not bool((m > 0.5).any()):
                 raise NodeInputError(GUIDANCE_ID, "mask", "the mask is empty: there is no region to guide into.")
         try:
-            patched = rasg.install(model, indices, LEVELS[attention_resolution], m)
+            patched = rasg.install(model, indices, LEVELS[attention_resolution], m, LAYER_MASKS[layer_mask])
         except ValueError as err:  # no attention layer at that level in this model
             raise NodeInputError(GUIDANCE_ID, "attention_resolution", str(err)) from err
         return io.NodeOutput(patched)
@@ -75,7 +82,8 @@ class RASGSampler(io.ComfyNode):
                         "through RASGGuidance. eta 0 is plain deterministic DDIM.",
             inputs=[
                 io.Float.Input("eta", default=0.15, min=0.0, max=1.0, step=0.01,
-                               tooltip="Strength of the guidance term (paper: 0.15)."),
+                               tooltip="Strength of the guidance term (paper: 0.15; the diffusers port's default "
+                                       "0.01; with the reference-code sigma rule any eta is about 1e-3 as strong)."),
                 io.Combo.Input("sigma_rule", options=list(SIGMA_RULES), default="paper (eq. 11)",
                                tooltip="sigma_t as the paper's eq. 11, or as the official code computes it "
                                        "(per-step alphas: about 1e-3 x eta, a much weaker push)."),
