@@ -63,6 +63,8 @@ def level_size(height: int, width: int, downsample: int) -> tuple[int, int]:
 
 
 LAYER_MASK_RULES = ("area", "bicubic")
+# The nodes' layer_mask choices (RASGGuidance, PAIntAPatch): label -> rule.
+LAYER_MASK_CHOICES = {"area >= 0.5": "area", "bicubic > 0.5 (diffusers port)": "bicubic"}
 
 
 def at_resolution(mask: torch.Tensor, height: int, width: int, threshold: float = 0.5,

@@ -7,18 +7,18 @@ import torch.nn.functional as F
 from faithful_inpaint.kernels import masks as mask_ops
 
 
-def mask_levels_preview(mask: torch.Tensor, downsamples, separator: int = 2) -> torch.Tensor:
+def mask_levels_preview(mask: torch.Tensor, downsamples, separator: int = 2, rule: str = "area") -> torch.Tensor:
     """The first mask of a batch at each attention level, nearest-upscaled back and laid side by side.
 
     ``mask`` is [B, 1, H, W] at image resolution; level d has the size of a latent (H/8) shrunk d times.
-    White = regenerated tokens. With no level, the mask itself.
+    White = regenerated tokens (``rule``: :func:`kernels.masks.at_resolution`'s). With no level, the mask itself.
     """
     m = mask_ops.as_batch(mask)[:1]
     height, width = m.shape[-2:]
     tiles = []
     for d in downsamples or ():
         h, w = mask_ops.level_size(max(1, height // 8), max(1, width // 8), d)
-        level = mask_ops.binary(mask_ops.resize(m, h, w))
+        level = mask_ops.at_resolution(m, h, w, rule=rule).view(1, 1, h, w)
         tiles.append(F.interpolate(level, size=(height, width), mode="nearest"))
     if not tiles:
         tiles = [m]

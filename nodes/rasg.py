@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 GUIDANCE_ID = "RASGGuidance"
 LEVELS = {"1/32 (paper)": (4,), "1/16": (2,), "1/16 + 1/32": (2, 4)}
 SIGMA_RULES = {"paper (eq. 11)": "paper", "reference code": "reference"}
-LAYER_MASKS = {"area >= 0.5": "area", "bicubic > 0.5 (diffusers port)": "bicubic"}
+LAYER_MASKS = mask_ops.LAYER_MASK_CHOICES
 
 
 class RASGGuidance(io.ComfyNode):

@@ -82,3 +82,20 @@ def test_standardised_over_the_region_the_gradient_lives_in():
         assert whole == pytest.approx(1 / frac ** 0.5, rel=0.1)
     # no region: the whole latent, eq. (8)
     torch.testing.assert_close(rasg.standardised(g, None), rasg.standardised(g))
+
+
+def test_layer_mask_rules_by_hand():
+    """area >= 0.5 counts the token's covered area; the port's bicubic > 0.5 weighs its centre (taps -0.09375,
+    0.59375, 0.59375, -0.09375 when shrinking by 2 or 4: PyTorch's cubic kernel, A = -0.75)."""
+    from faithful_inpaint.kernels import masks
+
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., :, 2:4] = 1                                              # half of the first 4-wide block, off-centre
+    m[..., :, 4:7] = 1                                              # 3/4 of the second block, its centre included
+    area = masks.at_resolution(m, 2, 2, rule="area").view(2, 2)
+    port = masks.at_resolution(m, 2, 2, rule="bicubic").view(2, 2)
+    assert area.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    # first block: pixels 0..3 -> 0, 0, 1, 1 -> 0.59375 - 0.09375 = 0.5, not > 0.5
+    assert port.tolist() == [[0.0, 1.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="layer-mask rule"):
+        masks.at_resolution(m, 2, 2, rule="nearest")

@@ -123,7 +123,7 @@ def inpaint_stage(g, painta: bool, rasg: bool | None, prompt_suffix=""):
     g.link(image, 0, cond, "pixels"), g.link(grow, 0, cond, "mask")
     model_src = (ckpt, 0)
     if painta:
-        pa = g.node("PAIntAPatch", [PROMPT, False, True, True, False, 0.0, 0.5, 0.7071], "PAIntA",
+        pa = g.node("PAIntAPatch", [PROMPT, False, True, True, False, 0.0, 0.5, 0.7071, "area >= 0.5"], "PAIntA",
                     inputs=[("model", "MODEL"), ("clip", "CLIP"), ("mask", "MASK")],
                     outputs=[("MODEL", "MODEL"), ("mask_levels", "IMAGE")], col=2, row=0)
         g.link(*model_src, pa, "model"), g.link(ckpt, 1, pa, "clip"), g.link(grow, 0, pa, "mask")
