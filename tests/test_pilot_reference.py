@@ -23,7 +23,7 @@ import comfy.sample
 import comfy.samplers
 from faithful_inpaint.patching import pilot
 from faithful_inpaint.patching.gradients import convert_inference_weights
-from faithful_inpaint.headless.random_models import build_model
+from faithful_inpaint.devtools.random_models import build_model
 
 SIDE = 16
 WORDS = [1, 2, 3]
