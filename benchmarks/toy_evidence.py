@@ -125,9 +125,10 @@ def pilot_on(ci: CaseInputs):
     # schedule (gamma 1, the text configuration).
     _, pilot, _ = _nodes()
     (guided,) = pilot.PILOTGuidance.execute(model=ci.model, clip=ci.clip, prompt=ci.prompt,
-                                            semantic_boundary_control=True)
+                                            semantic_boundary_control=True, inside_map="reference (bilinear, = 1)")
     (sampler,) = pilot.PILOTSampler.execute(preset="reference", optimise_every=2, inner_steps=5, lr=0.025,
-                                            lr_warmup=0.008, coef=150.0, gamma=1.0, momentum=0.7)
+                                            lr_warmup=0.007, coef=150.0, gamma=1.0, momentum=0.7,
+                                            mask="binary (reference)")
     return guided, sampler
 
 

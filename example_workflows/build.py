@@ -273,7 +273,7 @@ def inpaint_stage(g, painta: bool, rasg: bool | None, prompt_suffix=""):
     g.link(image, 0, cond, "pixels"), g.link(grow, 0, cond, "mask")
     model_src = (ckpt, 0)
     if painta:
-        pa = g.node("PAIntAPatch", [PROMPT, False, True, True, False, 0.0, 0.5, 0.7071], "PAIntA",
+        pa = g.node("PAIntAPatch", [PROMPT, False, True, True, False, 0.0, 0.5, 0.7071, "area >= 0.5"], "PAIntA",
                     inputs=[("model", "MODEL"), ("clip", "CLIP"), ("mask", "MASK")],
                     outputs=[("MODEL", "MODEL"), ("mask_levels", "IMAGE")], col=2, row=0)
         g.link(*model_src, pa, "model"), g.link(ckpt, 1, pa, "clip"), g.link(grow, 0, pa, "mask")
@@ -286,7 +286,7 @@ def inpaint_stage(g, painta: bool, rasg: bool | None, prompt_suffix=""):
         ids.update(seed=[[ks, "seed"]], steps=[[ks, "steps"]], latent=(ks, 0))
     else:
         if rasg:
-            guide = g.node("RASGGuidance", [PROMPT, "1/32 (paper)"], "RASG guidance",
+            guide = g.node("RASGGuidance", [PROMPT, "1/32 (paper)", "area >= 0.5"], "RASG guidance",
                            inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=3, row=0)
             g.link(*model_src, guide, "model"), g.link(ckpt, 1, guide, "clip")
             model_src = (guide, 0)
@@ -443,9 +443,9 @@ def pilot_text(name):
     the PILOT sampler (reference: 100 DDIM steps, optimise every 10 steps with 10 inner steps, lr 0.025, gamma 1)."""
     g = Graph("PILOT: text-guided latent optimisation")
     ids = pilot_start(g)
-    guide = g.node("PILOTGuidance", [PROMPT, True], "PILOT guidance",
+    guide = g.node("PILOTGuidance", [PROMPT, True, "reference (bilinear, = 1)"], "PILOT guidance",
                    inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=2, row=0)
-    sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.025, 0.008, 150.0, 1.0, 0.7],
+    sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.025, 0.007, 150.0, 1.0, 0.7, "binary (reference)"],
                      "PILOT sampler (reference text config)", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
     g.link(ids["ckpt"], 0, guide, "model"), g.link(ids["ckpt"], 1, guide, "clip")
     ov = pilot_finish(g, ids, guide, sampler, (ids["pos"], 0), (ids["neg"], 0))

@@ -24,9 +24,9 @@ def pilot_controlnet(name):
                    inputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                            ("control_net", "CONTROL_NET"), ("image", "IMAGE")],
                    outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], col=2, row=3)
-    guide = g.node("PILOTGuidance", [PROMPT, True], "PILOT guidance",
+    guide = g.node("PILOTGuidance", [PROMPT, True, "reference (bilinear, = 1)"], "PILOT guidance",
                    inputs=[("model", "MODEL"), ("clip", "CLIP")], outputs=[("MODEL", "MODEL")], col=2, row=0)
-    sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.03, 0.01, 150.0, 0.8, 0.7],
+    sampler = g.node("PILOTSampler", ["reference", 10, 10, 0.03, 0.01, 150.0, 0.8, 0.7, "binary (reference)"],
                      "PILOT sampler (reference ControlNet config)", outputs=[("SAMPLER", "SAMPLER")], col=3, row=2)
     g.link(image, 0, edges, "image")
     g.link(ids["pos"], 0, apply, "positive"), g.link(ids["neg"], 0, apply, "negative")

@@ -19,7 +19,7 @@ from build import Graph, sample_custom
 CHECKPOINT = "toy_world_inpaint.safetensors"
 SEED = 1                # scene 1: the prompt asks for a blue triangle beside a green circle
 STEPS, CFG = 20, 4.0    # training/toy_world.py evaluates at CFG 4
-PAINTA = [False, True, True, False, 0.0, 0.5, 0.7071]  # at_h8..at_h64, start, end, smoothing (the paper's values)
+PAINTA = [False, True, True, False, 0.0, 0.5, 0.7071, "area >= 0.5"]  # at_h8..at_h64, start, end, smoothing, layer mask
 
 
 def linked_widget(g, node, name):

@@ -63,9 +63,28 @@ def level_size(height: int, width: int, downsample: int) -> tuple[int, int]:
     return height, width
 
 
-def at_resolution(mask: torch.Tensor, height: int, width: int, threshold: float = 0.5) -> torch.Tensor:
-    """The binary [B, height * width] mask of the query/key tokens of an attention layer of that size."""
-    return binary(resize(as_batch(mask), height, width), threshold).flatten(1)
+LAYER_MASK_RULES = ("area", "bicubic")
+# The nodes' layer_mask choices (RASGGuidance, PAIntAPatch): label -> rule.
+LAYER_MASK_CHOICES = {"area >= 0.5": "area", "bicubic > 0.5 (diffusers port)": "bicubic"}
+
+
+def at_resolution(mask: torch.Tensor, height: int, width: int, threshold: float = 0.5,
+                  rule: str = "area") -> torch.Tensor:
+    """The binary [B, height * width] mask of the query/key tokens of an attention layer of that size.
+
+    rule "area": a token is masked when at least ``threshold`` of its area is (area average, >= threshold): it
+    depends only on how much of the token's block the mask covers. rule "bicubic": the HD-Painter diffusers port's
+    rule, a bicubic resize (align_corners False, no antialiasing) thresholded at > ``threshold``; shrinking by 2 or
+    4 it weighs the block's centre pixels most and, at 1/2, reads one pixel beyond the block on each side.
+    """
+    if rule not in LAYER_MASK_RULES:
+        raise ValueError(f"unknown layer-mask rule {rule!r}; expected one of {LAYER_MASK_RULES}")
+    m = as_batch(mask)
+    if rule == "area":
+        return binary(resize(m, height, width), threshold).flatten(1)
+    if tuple(m.shape[-2:]) != (height, width):
+        m = F.interpolate(m, size=(height, width), mode="bicubic", align_corners=False)
+    return (m > threshold).to(m.dtype).flatten(1)
 
 
 def per_resolution(mask: torch.Tensor, latent_hw: tuple[int, int], downsamples=(1, 2, 4, 8),

@@ -1,7 +1,9 @@
 """PILOT: coherent inpainting by latent optimisation (Pan et al.), the losses and schedules, host-free.
 
-Every formula below follows the official implementation (the paper text we have lost its equations), as
-summarised in docs/pilot.md; the line each one comes from is quoted as "[notes: ...]".
+Every formula below follows the official implementation (github.com/Lingzhi-Pan/PILOT, pipeline/pipeline_pilot.py
+and models/attn_processor.py; the paper text we have lost its equations), as summarised in docs/pilot.md; the line
+each one comes from is quoted as "[notes: ...]", and where the pack departs on purpose the docstring says so.
+tests/test_pilot_reference.py recomputes them from their stated definitions on a tiny model.
 
 Mask convention inside this module: ``fg`` is ComfyUI's MASK (1 = regenerate, the foreground), and the kept
 background is ``1 - fg`` (PILOT's own masks use 1 = keep: convert with ``kernels.masks.invert``).
@@ -18,17 +20,31 @@ SCHED_FLOOR_T = 300              # [notes: "sched linear: 0.1 for t < 300, risin
 SCHED_FLOOR = 0.1
 SCHED_TOP_T = 999
 LR_GROWTH = 1.002                # [notes: "lr_t = lr x 1.002^(1000 - t)"]
+INSIDE_MAP_RULES = ("reference", "area")
+
+
+def to_unit(v: torch.Tensor) -> torch.Tensor:
+    """v -> (v + 1) / 2, the map the reference code applies to both latents before the background loss."""
+    return (v + 1.0) * 0.5
 
 
 def background_loss(z_img: torch.Tensor, x0_hat: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-    """L_bg per sample, [B]: sum over kept latent pixels (and channels) of (z_img - x0_hat)^2.
+    """L_bg per sample, [B]: sum over kept latent pixels (and channels) of (u(z_img) - u(x0_hat))^2, u = to_unit.
 
-    [notes: "Background loss: sum over kept pixels of (z_img - x0_hat)^2 (latent space; z_img = VAE sample *
-    0.18215, x0_hat = one-step reconstruction from the conditional eps, no CFG)"]. ``fg``: [B or 1, 1, H, W]
-    (soft values weight the pixel by its kept fraction 1 - fg).
+    [notes: "Background loss: sum over kept pixels of (z_img' - x0_hat')^2 where both latents are first mapped by
+    v -> (v + 1) / 2, i.e. 1/4 of the plain squared error (latent space; x0_hat = one-step reconstruction from the
+    conditional eps, no CFG)"]. Paper eq. (9)-(10). ``fg``: [B or 1, 1, H, W] (soft values weight the pixel by its
+    kept fraction 1 - fg; the sampler binarises the mask first unless asked not to).
     """
     keep = 1.0 - fg.to(x0_hat.dtype)
-    return ((z_img.to(x0_hat.dtype) - x0_hat) ** 2 * keep).flatten(1).sum(1)
+    diff = to_unit(z_img.to(x0_hat.dtype)) - to_unit(x0_hat)
+    return (diff ** 2 * keep).flatten(1).sum(1)
+
+
+def binarised(fg: torch.Tensor) -> torch.Tensor:
+    """The reference's binary mask: a pixel is kept when its keep value 1 - fg is at least 0.5, i.e. fg > 0.5 is
+    regenerated. [notes: "Its mask convention is inverted (1 = keep)"; the code thresholds the keep mask at 0.5]"""
+    return (fg > 0.5).to(fg.dtype)
 
 
 def token_mass(probs: torch.Tensor, word_indices: Sequence[int]) -> torch.Tensor:
@@ -46,17 +62,20 @@ def centralisation_loss(probs: torch.Tensor, fg: torch.Tensor, word_indices: Seq
     Paper eqs. (12)-(14) (R^l, I^l and L_s; their symbols are lost in our copy of the text). probs: post-softmax
     [B, (heads,) N, L], read BEFORE semantic boundary control (eq. 16), as the reference code reads them: after
     it, R would be 0 by construction (patching/pilot.py explains the choice); fg: [B, N] binary foreground of
-    the layer's query pixels (PILOT passes :func:`fully_foreground`, the map boundary control also uses);
+    the layer's query pixels (PILOT passes :func:`inside_map`, the map boundary control also uses);
     word_indices: the prompt's word-token columns only. The "attention mass" of a pixel is the sum of its
-    probabilities over the word tokens (averaged over heads); R and I average it over the pixels of each region
-    (a region with no pixel contributes 0).
+    probabilities over the word tokens (averaged over heads); R and I average it over the pixels of each region.
+    [notes: "A layer whose inside map is empty or full adds 0 to the semantic loss (still divided by 11)"]: a sample
+    whose ``fg`` has no foreground or no background pixel at this layer gets 0.
     """
     mass = token_mass(probs.float(), word_indices)
     fg = fg.to(mass)
     bg = 1.0 - fg
-    r = (mass * bg).sum(1) / bg.sum(1).clamp_min(1.0)
-    i = (mass * fg).sum(1) / fg.sum(1).clamp_min(1.0)
-    return r - i
+    n_fg, n_bg = fg.sum(1), bg.sum(1)
+    r = (mass * bg).sum(1) / n_bg.clamp_min(1.0)
+    i = (mass * fg).sum(1) / n_fg.clamp_min(1.0)
+    both = (n_fg > 0) & (n_bg > 0)
+    return torch.where(both, r - i, torch.zeros_like(r))
 
 
 def mean_centralisation_loss(layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -95,6 +114,12 @@ def learning_rate(t: float, lr: float) -> float:
     return lr * LR_GROWTH ** (1000.0 - t)
 
 
+def step_learning_rate(t: float, lr: float, lr_warmup: float, first: bool) -> float:
+    """The learning rate of the optimisation at timestep t: exactly ``lr_warmup`` at the sampler's first step,
+    :func:`learning_rate` after it. [notes: "first timestep exactly lr_warmup (no 1.002 growth on it)"]"""
+    return float(lr_warmup) if first else learning_rate(t, lr)
+
+
 def total_loss(l_bg: torch.Tensor, l_s: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """L = L_bg + lambda_t * L_s per sample. [notes: "Total: L = L_bg + lambda_t L_s"]"""
     return l_bg + lam.to(l_bg) * l_s
@@ -121,17 +146,37 @@ def blend(z: torch.Tensor, z_img: torch.Tensor, fg: torch.Tensor, sigma: float, 
     return z * (1.0 - keep) + (z_img.to(z.dtype) + sigma * noise) * keep
 
 
-def fully_foreground(fg: torch.Tensor, height: int, width: int, tolerance: float = 1e-4) -> torch.Tensor:
-    """[B, height * width] with 1 where the layer's pixel covers foreground latent pixels only.
+def inside_map(fg: torch.Tensor, height: int, width: int, rule: str = "reference",
+               tolerance: float = 1e-4) -> torch.Tensor:
+    """The inside (foreground) map of an attention layer: [B, height * width], 1 where the layer pixel is inside.
 
-    ``fg``: [B, 1, H, W] latent-resolution mask (1 = regenerate); the layer pixel's coverage is the area average.
+    ``fg``: [B, 1, H, W] latent-resolution mask (1 = regenerate). One map serves the semantic loss (eqs. 12-13) and
+    boundary control (eq. 16), as in the reference code.
+    - "reference": [notes: "the binary latent mask resized bilinearly to the layer's size, values below 1 set to
+      0"] (bilinear, align_corners False, no antialiasing: at 1/2 a layer pixel averages its 2 x 2 latent block,
+      at 1/4 and 1/8 only the block's centre 2 x 2 pixels are sampled). ``tolerance`` absorbs float rounding of
+      weights that sum to 1 (sizes that are not a power-of-2 fraction of the latent).
+    - "area": the layer pixel's whole block is foreground (area average = 1): a token is confined to layer pixels
+      that lie entirely inside the mask, wherever the mask edge falls in a block (the pack's earlier rule).
+    The two agree for masks aligned to the layer's blocks.
     """
     import torch.nn.functional as F
 
+    if rule not in INSIDE_MAP_RULES:
+        raise ValueError(f"unknown inside-map rule {rule!r}; expected one of {INSIDE_MAP_RULES}")
     m = fg.float()
     if tuple(m.shape[-2:]) != (height, width):
-        m = F.adaptive_avg_pool2d(m, (height, width))
+        m = (F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False) if rule == "reference"
+             else F.adaptive_avg_pool2d(m, (height, width)))
     return (m >= 1.0 - tolerance).to(fg.dtype if fg.is_floating_point() else torch.float32).flatten(1)
+
+
+def control_map(fg: torch.Tensor, height: int, width: int, rule: str = "reference") -> torch.Tensor:
+    """The map boundary control multiplies the token columns by: :func:`inside_map`, except that a sample with
+    nothing to inpaint is left uncontrolled (all 1), as the reference code passes no attention mask then."""
+    inside = inside_map(fg, height, width, rule)
+    nothing = ~(fg.flatten(1) > 0).any(1)
+    return torch.where(nothing[:, None], torch.ones_like(inside), inside)
 
 
 def boundary_control(probs: torch.Tensor, full_fg: torch.Tensor, sot_columns: Sequence[int] = (0,)) -> torch.Tensor:

@@ -11,12 +11,12 @@ PREVIEW_MAX_SIDE = 1024   # longest side of one tile: an 8192 px mask gives a 10
 
 
 def mask_levels_preview(mask: torch.Tensor, downsamples, separator: int = 2,
-                        max_side: int = PREVIEW_MAX_SIDE) -> torch.Tensor:
+                        max_side: int = PREVIEW_MAX_SIDE, rule: str = "area") -> torch.Tensor:
     """The first mask of a batch at each attention level, nearest-upscaled to the mask's size (at most ``max_side``
     px on its longest side, aspect kept) and laid side by side.
 
     ``mask`` is [B, 1, H, W] at image resolution; level d has the size of a latent (H/8) shrunk d times.
-    White = regenerated tokens. With no level, the mask itself.
+    White = regenerated tokens (``rule``: :func:`kernels.masks.at_resolution`'s). With no level, the mask itself.
     """
     m = mask_ops.as_batch(mask)[:1]
     height, width = m.shape[-2:]
@@ -25,7 +25,7 @@ def mask_levels_preview(mask: torch.Tensor, downsamples, separator: int = 2,
     tiles = []
     for d in downsamples or ():
         h, w = mask_ops.level_size(max(1, height // 8), max(1, width // 8), d)
-        level = mask_ops.binary(mask_ops.resize(m, h, w))
+        level = mask_ops.at_resolution(m, h, w, rule=rule).view(1, 1, h, w)
         tiles.append(F.interpolate(level, size=(th, tw), mode="nearest"))
     if not tiles:
         tiles = [mask_ops.resize(m, th, tw)]

@@ -62,10 +62,26 @@ def segmentation_loss(maps: torch.Tensor, mask: torch.Tensor, token_indices) -> 
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1).sum(-1)
 
 
-def standardised(grad: torch.Tensor) -> torch.Tensor:
-    """g / std(g) per sample (the mean is kept: it carries the direction, appendix C.3)."""
-    flat = grad.flatten(1)
-    std = flat.std(dim=1).clamp_min(torch.finfo(flat.dtype).tiny)
+def standardised(grad: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """g / std(g) per sample, the std taken over ``region`` (the mean is kept: it carries the direction, sec. 3.4
+    and appendix C.3).
+
+    ``region``: [B or 1, 1, H, W], nonzero where the gradient lives (a latent noise mask: outside it ComfyUI
+    replaces x_t by the re-noised known image before every model call, so the gradient there is 0 and the noise
+    term there is discarded); None: the whole latent, as eq. (8). Taking the std over the whole latent when the
+    gradient lives in a fraction f of it would give the noise inside std 1 / sqrt(f), not 1.
+    """
+    if region is None:
+        flat = grad.flatten(1)
+        std = flat.std(dim=1)
+    else:
+        inside = (region > 0).to(grad.dtype).expand_as(grad).flatten(1)
+        flat = grad.flatten(1)
+        count = inside.sum(1)
+        mean = (flat * inside).sum(1) / count.clamp_min(1.0)
+        var = (((flat - mean[:, None]) * inside) ** 2).sum(1) / (count - 1.0).clamp_min(1.0)
+        std = var.sqrt()
+    std = std.clamp_min(torch.finfo(flat.dtype).tiny)
     return grad / std.view(-1, *([1] * (grad.dim() - 1)))
 
 

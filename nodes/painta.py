@@ -5,10 +5,11 @@ import logging
 
 from comfy_api.latest import io
 
+from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.kernels.painta import REFERENCE_SMOOTHING_SIGMA
 from faithful_inpaint.patching import family, prompt
 from faithful_inpaint.patching.errors import NodeInputError
-from faithful_inpaint.patching.inputs import check_mask
+from faithful_inpaint.patching.inputs import check_choice, check_mask
 from faithful_inpaint.patching.painta import PAIntAHooks
 from faithful_inpaint.patching.schedule import ScheduleWindow
 from faithful_inpaint.kernels.previews import mask_levels_preview
@@ -46,6 +47,12 @@ class PAIntAPatch(io.ComfyNode):
                 io.Float.Input("smoothing", default=round(REFERENCE_SMOOTHING_SIGMA, 4), min=0.0, max=3.0,
                                step=0.01, tooltip="Sigma of the 3x3 Gaussian smoothing of the relevance map c "
                                                   "(0 = off; default as the reference implementation)."),
+                io.Combo.Input("layer_mask", options=list(mask_ops.LAYER_MASK_CHOICES), default="area >= 0.5",
+                               optional=True,
+                               tooltip="How the mask becomes each attention resolution's token mask: masked when "
+                                       "at least half the token's area is (area >= 0.5), or the HD-Painter "
+                                       "diffusers port's bicubic resize > 0.5 (weighs the block's centre). PAIntA "
+                                       "is sensitive to single tokens; see mask_levels."),
             ],
             outputs=[
                 io.Model.Output(),
@@ -56,15 +63,17 @@ class PAIntAPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, prompt: str, mask, at_h8, at_h16, at_h32, at_h64, start_percent, end_percent,
-                smoothing) -> io.NodeOutput:
+                smoothing, layer_mask="area >= 0.5") -> io.NodeOutput:
+        check_choice(NODE_ID, "layer_mask", layer_mask, mask_ops.LAYER_MASK_CHOICES)
         fam = family.detect(model, NODE_ID)
+        rule = mask_ops.LAYER_MASK_CHOICES[layer_mask]
         toggles = {"at_h8": at_h8, "at_h16": at_h16, "at_h32": at_h32, "at_h64": at_h64}
         downsamples = tuple(d for name, d in LEVELS.items() if toggles[name])
         if start_percent >= end_percent:
             raise NodeInputError(NODE_ID, "end_percent",
                                  f"must be larger than start_percent ({start_percent} >= {end_percent}).")
         m = check_mask(NODE_ID, "mask", mask)
-        preview = mask_levels_preview(m, downsamples)
+        preview = mask_levels_preview(m, downsamples, rule=rule)
         if not downsamples:
             log.warning("[Faithful Inpaint] %s: no resolution is switched on; the model is returned unchanged.",
                         NODE_ID)
@@ -82,7 +91,7 @@ class PAIntAPatch(io.ComfyNode):
         patched = model.clone()
         hooks = PAIntAHooks(prompt=region, mask=m, downsamples=downsamples,
                             window=ScheduleWindow.from_percent(patched, start_percent, end_percent),
-                            smoothing_sigma=smoothing, node=NODE_ID)
+                            smoothing_sigma=smoothing, node=NODE_ID, layer_rule=rule)
         if not hooks.install(patched):
             log.warning("[Faithful Inpaint] %s: %s has no self-attention at the chosen resolutions; the model is "
                         "returned unchanged.", NODE_ID, fam.name)

@@ -18,6 +18,9 @@ CATEGORY = "inpaint/faithful/PILOT"
 # "fast": optimise every 20 steps with 5 inner steps: a quarter of the backward passes of the reference schedule
 # at the same step count (our choice; the reference's 200-step config uses 20 / 20).
 PRESETS = {"reference": None, "fast": {"every": 20, "inner_steps": 5}}
+# How each attention layer's inside map is made from the latent mask (kernels/pilot.py inside_map; README).
+INSIDE_MAPS = {"reference (bilinear, = 1)": "reference", "area (block fully inside)": "area"}
+MASK_MODES = {"binary (reference)": "binary", "soft": "soft"}
 
 
 class PILOTGuidance(io.ComfyNode):
@@ -41,19 +44,27 @@ class PILOTGuidance(io.ComfyNode):
                                          "(every layer, both CFG halves, while the PILOT sampler runs). On in the "
                                          "reference code and in the paper's full method; the loss reads the "
                                          "attention before it."),
+                io.Combo.Input("inside_map", options=list(INSIDE_MAPS), default="reference (bilinear, = 1)",
+                               tooltip="Which pixels of each attention layer count as inside the mask (the semantic "
+                                       "loss's foreground and boundary control's map). reference: the mask resized "
+                                       "bilinearly to the layer, inside where it equals 1 (at 1/4 and 1/8 the "
+                                       "block's centre decides), as the official code; area: the whole block is "
+                                       "masked. They differ only for masks not aligned to the layer's blocks."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, clip, prompt, semantic_boundary_control) -> io.NodeOutput:
+    def execute(cls, model, clip, prompt, semantic_boundary_control,
+                inside_map="reference (bilinear, = 1)") -> io.NodeOutput:
+        check_choice(pilot.GUIDANCE_NODE, "inside_map", inside_map, INSIDE_MAPS)
         family.detect(model, pilot.GUIDANCE_NODE)
         _, _, indices = token_positions(clip, prompt)
         if not indices:
             log.warning("[Faithful Inpaint] %s: the prompt has no word token; PILOT will optimise the background "
                         "loss only.", pilot.GUIDANCE_NODE)
         try:
-            patched = pilot.install(model, indices, semantic_boundary_control)
+            patched = pilot.install(model, indices, semantic_boundary_control, INSIDE_MAPS[inside_map])
         except ValueError as err:
             raise NodeInputError(pilot.GUIDANCE_NODE, "model", str(err)) from err
         return io.NodeOutput(patched)
@@ -81,9 +92,10 @@ class PILOTSampler(io.ComfyNode):
                                      "pass of the UNet on the conditional half."),
                 io.Float.Input("lr", default=0.025, min=0.0, max=1.0, step=0.001,
                                tooltip="Learning rate (reference: 0.025 text, 0.03 with ControlNet / IP-Adapter); "
-                                       "scaled by 1.002^(1000 - t)."),
-                io.Float.Input("lr_warmup", default=0.008, min=0.0, max=1.0, step=0.001,
-                               tooltip="Learning rate of the first step (reference 0.007-0.01)."),
+                                       "scaled by 1.002^(1000 - t) after the first step."),
+                io.Float.Input("lr_warmup", default=0.007, min=0.0, max=1.0, step=0.001,
+                               tooltip="Learning rate of the first sampling step, used as is (reference: 0.007 "
+                                       "text and IP-Adapter, 0.01 ControlNet)."),
                 io.Float.Input("coef", default=150.0, min=0.0, max=10000.0, step=1.0,
                                tooltip="Weight of the semantic-centralisation loss (reference 150)."),
                 io.Float.Input("gamma", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -91,15 +103,21 @@ class PILOTSampler(io.ComfyNode):
                                        "image in (reference: 1 text, 0.8 ControlNet / IP-Adapter; 0: blend only)."),
                 io.Float.Input("momentum", default=0.7, min=0.0, max=0.99, step=0.01,
                                tooltip="SGD momentum (reference 0.7); the velocity is reset every timestep."),
+                io.Combo.Input("mask", options=list(MASK_MODES), default="binary (reference)",
+                               tooltip="binary: the latent noise mask thresholded at 0.5, as the reference code "
+                                       "(its masks are binary); soft: ComfyUI's resized mask as it is, so a "
+                                       "feathered edge weights the background loss and the blend."),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls, preset, optimise_every, inner_steps, lr, lr_warmup, coef, gamma, momentum=0.7) -> io.NodeOutput:
+    def execute(cls, preset, optimise_every, inner_steps, lr, lr_warmup, coef, gamma, momentum=0.7,
+                mask="binary (reference)") -> io.NodeOutput:
         check_choice(pilot.SAMPLER_NODE, "preset", preset, PRESETS)
+        check_choice(pilot.SAMPLER_NODE, "mask", mask, MASK_MODES)
         options = {"every": optimise_every, "inner_steps": inner_steps, "lr": lr, "lr_warmup": lr_warmup,
-                   "coef": coef, "gamma": gamma, "momentum": momentum}
+                   "coef": coef, "gamma": gamma, "momentum": momentum, "mask": MASK_MODES[mask]}
         options.update(PRESETS[preset] or {})
         return io.NodeOutput(comfy.samplers.KSAMPLER(pilot.sample_pilot, extra_options=options))
 

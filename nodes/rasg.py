@@ -6,6 +6,7 @@ import logging
 import comfy.samplers
 from comfy_api.latest import io
 
+from faithful_inpaint.kernels import masks as mask_ops
 from faithful_inpaint.patching import family, rasg
 from faithful_inpaint.patching.errors import NodeInputError
 from faithful_inpaint.patching.inputs import check_choice, check_mask
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 GUIDANCE_ID = rasg.GUIDANCE_NODE
 LEVELS = {"1/32 (paper)": (4,), "1/16": (2,), "1/16 + 1/32": (2, 4)}
 SIGMA_RULES = {"paper (eq. 11)": "paper", "reference code": "reference"}
+LAYER_MASKS = mask_ops.LAYER_MASK_CHOICES
 
 
 class RASGGuidance(io.ComfyNode):
@@ -38,13 +40,18 @@ class RASGGuidance(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="Region to inpaint (1 = regenerate). Without it RASG reads the latent's noise "
                                       "mask (InpaintModelConditioning / SetLatentNoiseMask)."),
+                io.Combo.Input("layer_mask", options=list(LAYER_MASKS), default="area >= 0.5", optional=True,
+                               tooltip="How the mask becomes the target at the attention resolution: a token is "
+                                       "masked when at least half its area is (area >= 0.5), or the HD-Painter "
+                                       "diffusers port's bicubic resize > 0.5 (weighs the block's centre)."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, clip, prompt, attention_resolution, mask=None) -> io.NodeOutput:
+    def execute(cls, model, clip, prompt, attention_resolution, mask=None, layer_mask="area >= 0.5") -> io.NodeOutput:
         check_choice(GUIDANCE_ID, "attention_resolution", attention_resolution, LEVELS)
+        check_choice(GUIDANCE_ID, "layer_mask", layer_mask, LAYER_MASKS)
         family.detect(model, GUIDANCE_ID)
         _, indices, words = token_positions(clip, prompt)
         if not words:
@@ -56,7 +63,7 @@ class RASGGuidance(io.ComfyNode):
             if not bool((m > 0.5).any()):
                 raise NodeInputError(GUIDANCE_ID, "mask", "the mask is empty: there is no region to guide into.")
         try:
-            patched = rasg.install(model, indices, LEVELS[attention_resolution], m)
+            patched = rasg.install(model, indices, LEVELS[attention_resolution], m, LAYER_MASKS[layer_mask])
         except ValueError as err:  # no attention layer at that level in this model
             raise NodeInputError(GUIDANCE_ID, "attention_resolution", str(err)) from err
         return io.NodeOutput(patched)
@@ -74,7 +81,8 @@ class RASGSampler(io.ComfyNode):
                         "through RASGGuidance. eta 0 is plain deterministic DDIM.",
             inputs=[
                 io.Float.Input("eta", default=0.15, min=0.0, max=1.0, step=0.01,
-                               tooltip="Strength of the guidance term (paper: 0.15)."),
+                               tooltip="Strength of the guidance term (paper: 0.15; the diffusers port's default "
+                                       "0.01; with the reference-code sigma rule any eta is about 1e-3 as strong)."),
                 io.Combo.Input("sigma_rule", options=list(SIGMA_RULES), default="paper (eq. 11)",
                                tooltip="sigma_t as the paper's eq. 11, or as the official code computes it "
                                        "(per-step alphas: about 1e-3 x eta, a much weaker push)."),

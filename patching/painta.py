@@ -46,6 +46,7 @@ class PAIntAHooks:
     window: ScheduleWindow
     smoothing_sigma: float = REFERENCE_SMOOTHING_SIGMA
     node: str = "PAIntAPatch"          # named in errors raised during sampling
+    layer_rule: str = "area"           # kernels.masks.at_resolution rule: the mask at each attention resolution
     # Test and debugging hook: replaces the computed c_j ([b, N] -> [b, N]).
     relevance_override: object = None
     _blocks: dict = field(default_factory=dict)
@@ -112,7 +113,8 @@ class PAIntAHooks:
         if cache_key not in self._mask_cache:
             per_chunk = batch // len(cond_or_uncond)
             try:
-                m = mask_ops.match_batch(mask_ops.at_resolution(self.mask, height, width), per_chunk)
+                m = mask_ops.match_batch(mask_ops.at_resolution(self.mask, height, width, rule=self.layer_rule),
+                                         per_chunk)
             except ValueError as err:
                 raise NodeInputError(self.node, "mask", f"{err} (the latent being sampled has {per_chunk}).")
             self._mask_cache[cache_key] = m.repeat(len(cond_or_uncond), 1).to(device)

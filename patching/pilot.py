@@ -42,6 +42,7 @@ class PILOTGuide:
     recorder: AttentionRecorder
     word_indices: list[int]
     boundary_control: bool
+    inside_rule: str = "reference"              # kernels.pilot.inside_map rule (loss and boundary control)
     fg: torch.Tensor | None = None              # [B, 1, H, W] latent mask (1 = regenerate) while the sampler runs
     probe: list | None = None                   # tests: boundary-controlled probabilities land here when a list
     last_losses: list = field(default_factory=list)   # (step, inner step, total loss per sample) of the last run
@@ -51,15 +52,16 @@ class PILOTGuide:
         return self
 
     def semantic_loss(self, fg: torch.Tensor, batch: int) -> torch.Tensor:
-        """L_s averaged over the recorded layers, per sample: [B]. A layer's foreground is the same map semantic
-        boundary control uses (pixels fully inside the mask), as in the reference code, where one attention mask
-        serves both (eqs. 11 and 16)."""
+        """L_s averaged over the recorded layers, per sample: [B]. A layer's foreground is the same inside map
+        semantic boundary control uses, as in the reference code, where one attention mask serves both (eqs. 12-13
+        and 16)."""
         latent_hw = tuple(fg.shape[-2:])
         layers = []
         for cap in self.recorder.captures:
             if cap.maps.shape[0] != batch:
                 continue
-            fg_layer = mask_ops.match_batch(pilot_math.fully_foreground(fg, cap.height, cap.width), batch)
+            fg_layer = mask_ops.match_batch(pilot_math.inside_map(fg, cap.height, cap.width, self.inside_rule),
+                                            batch)
             if fg_layer.shape[1] != cap.maps.shape[1]:
                 continue     # an area-restricted conditioning: not a full-image map
             layers.append((cap.maps, fg_layer.to(cap.maps.device)))
@@ -79,11 +81,14 @@ def loss_levels(model) -> tuple[int, ...]:
     return levels
 
 
-def install(model, word_indices, boundary_control: bool = False):
-    """A clone of ``model`` prepared for PILOT (gradients, recorder, optional boundary control, guide)."""
+def install(model, word_indices, boundary_control: bool = False, inside_rule: str = "reference"):
+    """A clone of ``model`` prepared for PILOT (gradients, recorder, optional boundary control, guide).
+    ``inside_rule``: how each attention layer's inside map is made from the latent mask (kernels.pilot.inside_map)."""
+    if inside_rule not in pilot_math.INSIDE_MAP_RULES:
+        raise ValueError(f"unknown inside-map rule {inside_rule!r}; expected one of {pilot_math.INSIDE_MAP_RULES}")
     recorder = AttentionRecorder(attention=("attn2",), downsamples=loss_levels(model), probabilities=True,
                                  with_grad=True, cond_only=True, average_heads=True, enabled=False)
-    guide = PILOTGuide(recorder, list(word_indices), bool(boundary_control))
+    guide = PILOTGuide(recorder, list(word_indices), bool(boundary_control), inside_rule)
     clone = enable_gradients(model)
     if boundary_control:
         for info in transformer_blocks(clone.get_model_object("diffusion_model")):
@@ -134,7 +139,7 @@ def _boundary_override(guide: PILOTGuide, prior, layer_options):
         b, _, dim = q.shape
         qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
         probs = ((qh.float() @ kh.float().transpose(-1, -2)) * (dim // heads) ** -0.5).softmax(-1)
-        full = mask_ops.match_batch(pilot_math.fully_foreground(fg, height, width), b).to(probs.device)
+        full = mask_ops.match_batch(pilot_math.control_map(fg, height, width, guide.inside_rule), b).to(probs.device)
         probs = pilot_math.boundary_control(probs, full, range(0, k.shape[1], WINDOW))
         if guide.probe is not None:
             guide.probe.append(probs.detach().clone())
@@ -170,9 +175,11 @@ def _conditional_x0(model, x, sigma, s_in, model_options):
 
 @torch.no_grad()
 def sample_pilot(model, x, sigmas, extra_args=None, callback=None, disable=None, every=10, inner_steps=10,
-                 lr=0.025, lr_warmup=0.008, coef=150.0, gamma=1.0, momentum=0.7):
+                 lr=0.025, lr_warmup=0.007, coef=150.0, gamma=1.0, momentum=0.7, mask="binary"):
     """PILOT sampling: DDIM (eta 0) with latent optimisation every ``every`` steps while t >= 1000 (1 - gamma),
-    then the blend stage."""
+    then the blend stage. ``mask``: "binary" thresholds the latent noise mask at 0.5 as the reference does (its
+    masks are binary); "soft" uses ComfyUI's resized mask as it is (a feathered edge weights the background loss
+    and the blend by the kept fraction)."""
     import comfy.model_management
     from comfy.k_diffusion.sampling import default_noise_sampler, trange
 
@@ -182,7 +189,13 @@ def sample_pilot(model, x, sigmas, extra_args=None, callback=None, disable=None,
     if denoise_mask is None:
         raise NodeInputError(SAMPLER_NODE, "latent", "PILOT needs the region to inpaint and the known image: give "
                              "SamplerCustom the VAE-encoded image with a noise mask (SetLatentNoiseMask).")
+    if mask not in ("binary", "soft"):
+        raise NodeInputError(SAMPLER_NODE, "mask", f"expected 'binary' or 'soft', got {mask!r}")
     fg = mask_ops.as_batch(denoise_mask[:, :1].float())                 # 1 = regenerate, latent resolution
+    if mask == "binary":
+        fg = pilot_math.binarised(fg)
+    # nothing kept anywhere: L_bg and lambda_t are 0, so the gradient is 0 (the reference skips the passes too)
+    optimise = int(inner_steps) > 0 and bool((fg < 1).any())
     z_img = getattr(model, "latent_image", None)
     if z_img is None:
         z_img = torch.zeros_like(x)
@@ -200,9 +213,10 @@ def sample_pilot(model, x, sigmas, extra_args=None, callback=None, disable=None,
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             t = float(ms.timestep(sigmas[i]))
             if t >= 1000.0 * (1.0 - gamma):
-                if i % max(int(every), 1) == 0 and inner_steps > 0:
-                    x = _optimise(model, guide, x, sigmas[i], t, fg, z_img, args, s_in, i,
-                                  lr_warmup if i == 0 else lr, coef, int(inner_steps), momentum)
+                if i % max(int(every), 1) == 0 and optimise:
+                    lr_t = pilot_math.step_learning_rate(t, lr, lr_warmup, first=i == 0)
+                    x = _optimise(model, guide, x, sigmas[i], t, fg, z_img, args, s_in, i, lr_t, coef,
+                                  int(inner_steps), momentum)
             else:
                 x = pilot_math.blend(x, z_img, fg, sigma, noise_sampler(sigmas[i], sigmas[i + 1]))
             denoised = model(x, sigmas[i] * s_in, **args)
@@ -214,12 +228,12 @@ def sample_pilot(model, x, sigmas, extra_args=None, callback=None, disable=None,
     return x
 
 
-def _optimise(model, guide, x, sigma, t, fg, z_img, args, s_in, step, base_lr, coef, inner_steps, momentum):
-    """``inner_steps`` momentum-SGD steps on z_t = x sqrt(abar) (the DDPM-scale latent the reference optimises)."""
+def _optimise(model, guide, x, sigma, t, fg, z_img, args, s_in, step, lr_t, coef, inner_steps, momentum):
+    """``inner_steps`` momentum-SGD steps at learning rate ``lr_t`` on z_t = x sqrt(abar) (the DDPM-scale latent
+    the reference optimises)."""
     import comfy.model_management
 
     scale = 1.0 / math.sqrt(1.0 + float(sigma) ** 2)                  # sqrt(abar_t)
-    lr_t = pilot_math.learning_rate(t, base_lr)
     lam = pilot_math.lambda_t(t, fg, coef)
     z = x * scale
     velocity = None

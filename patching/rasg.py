@@ -8,7 +8,9 @@ resolution (H/32 by default), averaged over heads, with their graph. The guide o
 ``sample_rasg`` is a k-diffusion-style sampler function for ``comfy.samplers.KSAMPLER``, so it works in
 SamplerCustom / SamplerCustomAdvanced with any guider, scheduler and model patch. Each step (eq. 8):
 one model call under autograd -> denoised x0 (CFG combined) and the recorded maps -> the eq. (10) loss -> its
-gradient w.r.t. x_t, standardised -> x_prev = x0 + sigma_down * eps + sigma_up * z. The graph is freed every step.
+gradient w.r.t. x_t, standardised over the region it lives in (the latent noise mask if there is one, else the
+whole latent) -> x_prev = x0 + sigma_down * eps + sigma_up * z. The graph is freed every step. The last step
+(sigma_next = 0) has no noise term, so it is not guided.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class RASGGuide:
     recorder: AttentionRecorder
     token_indices: list[int]
     mask: torch.Tensor | None = None      # explicit [B, 1, H, W] mask, 1 = regenerate; None: the latent's noise mask
+    layer_rule: str = "area"              # kernels.masks.at_resolution rule for the mask at the attention layer
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone() deep-copies model_options; every clone must reach the recorder its patches fill.
@@ -45,19 +48,22 @@ class RASGGuide:
                                  "(no conditional rows, or the image is too small for that level).")
         cap = self.recorder.captures[0]
         averaged = torch.stack(maps).mean(0)                          # eq. (9): mean over layers -> [b, N, L]
-        target = mask_ops.match_batch(mask_ops.at_resolution(latent_mask, cap.height, cap.width),
-                                      averaged.shape[0])
+        target = mask_ops.match_batch(mask_ops.at_resolution(latent_mask, cap.height, cap.width,
+                                                             rule=self.layer_rule), averaged.shape[0])
         return rasg_math.segmentation_loss(averaged, target.to(averaged.device), self.token_indices)
 
 
-def install(model, token_indices, downsamples=(4,), mask=None):
-    """A clone of ``model`` prepared for RASG (gradients enabled, attention recorder, guide in model_options)."""
+def install(model, token_indices, downsamples=(4,), mask=None, layer_rule="area"):
+    """A clone of ``model`` prepared for RASG (gradients enabled, attention recorder, guide in model_options).
+    ``layer_rule``: how the latent mask becomes the binary target at the attention layer (kernels.masks)."""
     import comfy.patcher_extension
 
+    if layer_rule not in mask_ops.LAYER_MASK_RULES:
+        raise ValueError(f"unknown layer-mask rule {layer_rule!r}; expected one of {mask_ops.LAYER_MASK_RULES}")
     recorder = AttentionRecorder(attention=("attn2",), downsamples=tuple(downsamples), probabilities=False,
                                  with_grad=True, cond_only=True, average_heads=True, enabled=False)
     clone = recorder.install(enable_gradients(model))
-    clone.model_options[GUIDE_KEY] = RASGGuide(recorder, list(token_indices), mask)
+    clone.model_options[GUIDE_KEY] = RASGGuide(recorder, list(token_indices), mask, layer_rule)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GUIDE_KEY, _conditional_grad_only)
     return clone
 
@@ -129,6 +135,7 @@ def sample_rasg(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     extra_args = {} if extra_args is None else extra_args
     guide = _guide(extra_args)
     latent_mask = _latent_mask(guide, extra_args, x)
+    region = _gradient_region(extra_args, x)
     noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     steps = len(sigmas) - 1
@@ -137,7 +144,7 @@ def sample_rasg(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         sigma_down, sigma_up = _split(sigma_rule, model, sigma, sigma_next, eta)
         if sigma_up > 0 and guide_start <= i / steps < guide_end:
-            denoised, z = _guided_call(model, guide, x, sigmas[i], s_in, extra_args, latent_mask)
+            denoised, z = _guided_call(model, guide, x, sigmas[i], s_in, extra_args, latent_mask, region)
         else:
             denoised = model(x, sigmas[i] * s_in, **extra_args)
             z = noise_sampler(sigmas[i], sigmas[i + 1]) if sigma_up > 0 else None
@@ -148,8 +155,20 @@ def sample_rasg(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
-def _guided_call(model, guide, x, sigma, s_in, extra_args, latent_mask):
-    """One model call with gradients: (denoised x0, -grad L / std(grad L))."""
+def _gradient_region(extra_args, x) -> torch.Tensor | None:
+    """Where the gradient w.r.t. x_t lives: the latent noise mask's support when the latent has one (ComfyUI puts
+    the re-noised known image outside it before every model call, so the gradient there is 0), else None (all)."""
+    denoise_mask = extra_args.get("denoise_mask")
+    if denoise_mask is None:
+        return None
+    region = mask_ops.as_batch(denoise_mask[:, :1]) > 0
+    if tuple(region.shape[-2:]) != tuple(x.shape[-2:]):
+        region = mask_ops.resize(region.float(), x.shape[-2], x.shape[-1]) > 0
+    return region
+
+
+def _guided_call(model, guide, x, sigma, s_in, extra_args, latent_mask, region=None):
+    """One model call with gradients: (denoised x0, -grad L / std(grad L)), the std over ``region``."""
     guide.recorder.clear()
     guide.recorder.enabled = True
     try:
@@ -161,4 +180,4 @@ def _guided_call(model, guide, x, sigma, s_in, extra_args, latent_mask):
     finally:
         guide.recorder.enabled = False
         guide.recorder.clear()
-    return denoised.detach(), -rasg_math.standardised(grad)
+    return denoised.detach(), -rasg_math.standardised(grad, region)

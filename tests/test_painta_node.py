@@ -57,6 +57,23 @@ def test_returns_a_patched_clone_and_a_mask_preview(node, sd15, clip):
     assert preview.shape == (1, 64, 64 * 2 + 2, 3) and preview.min() >= 0 and preview.max() <= 1
 
 
+def test_layer_mask_rule_reaches_the_hooks_and_the_preview(node, sd15, clip):
+    """The diffusers port's rule (bicubic > 0.5) is offered beside the area rule; an unaligned mask shows the
+    difference in mask_levels, an aligned one does not."""
+    aligned, unaligned = torch.zeros(1, 64, 64), torch.zeros(1, 64, 64)
+    aligned[:, :32, :32] = 1                                     # whole blocks at H/16 and H/32
+    unaligned[:, 8:56, 8:56] = 1                                 # half of each edge block at H/16: area 0.5 is in,
+    for mask, same in ((aligned, True), (unaligned, False)):     # bicubic 0.5 is not (> 0.5)
+        _, area = run(node, sd15, clip, mask=mask)
+        patched, port = run(node, sd15, clip, mask=mask, layer_mask="bicubic > 0.5 (diffusers port)")
+        assert torch.equal(area, port) == same
+    hooks = [cell.cell_contents for p in patched.model_options["transformer_options"]["patches"]["middle_patch"]
+             for cell in (p.__closure__ or ()) if hasattr(cell.cell_contents, "layer_rule")]
+    assert hooks and {h.layer_rule for h in hooks} == {"bicubic"}
+    with pytest.raises(NodeInputError, match="PAIntAPatch, input 'layer_mask'"):
+        run(node, sd15, clip, layer_mask="nearest")
+
+
 @pytest.mark.parametrize("case", ["empty mask", "empty prompt", "no resolution"])
 def test_noop_cases_warn_and_return_the_model_unchanged(node, sd15, clip, caplog, case):
     kw = {"empty mask": dict(mask=torch.zeros(1, 64, 64)), "empty prompt": dict(prompt="  "),

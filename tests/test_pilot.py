@@ -50,7 +50,10 @@ def test_background_loss_by_hand():
     z_img = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     x0 = torch.tensor([[[[0.0, 0.0], [3.0, 1.0]]]])
     fg = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])                # 1 = regenerate: pixel (0, 1) not counted
-    assert pm.background_loss(z_img, x0, fg).tolist() == [1.0 + 0.0 + 9.0]
+    # the reference maps both latents by v -> (v + 1) / 2 first: ((1+1)/2 - (0+1)/2)^2 = 0.25, 0, (4-1)^2 / 4
+    assert pm.background_loss(z_img, x0, fg).tolist() == [0.25 + 0.0 + 2.25]
+    # the reference's binary mask: fg > 0.5 is regenerated, 0.5 is kept
+    assert pm.binarised(torch.tensor([0.2, 0.5, 0.51, 1.0])).tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_centralisation_loss_by_hand():
@@ -69,6 +72,12 @@ def test_centralisation_loss_by_hand():
     torch.testing.assert_close(pm.centralisation_loss(heads, fg, [1, 2]), expected)
     torch.testing.assert_close(pm.mean_centralisation_loss([(probs, fg), (heads, fg)], [1, 2]),
                                (pm.centralisation_loss(probs, fg, [1, 2]) + expected) / 2)
+    # a layer whose inside map is empty or full adds 0, and still counts in the mean
+    empty, full = torch.zeros(1, 4), torch.ones(1, 4)
+    assert pm.centralisation_loss(probs, empty, [1, 2]).tolist() == [0.0]
+    assert pm.centralisation_loss(probs, full, [1, 2]).tolist() == [0.0]
+    torch.testing.assert_close(pm.mean_centralisation_loss([(probs, fg), (probs, empty)], [1, 2]),
+                               torch.tensor([(r - i) / 2]))
 
 
 def test_centralisation_lower_when_attention_sits_inside_the_mask():
@@ -92,6 +101,10 @@ def test_lambda_schedule_and_learning_rate():
     assert pm.schedule(649.5) == pytest.approx(0.55) and pm.schedule(999) == pytest.approx(1.0)
     assert pm.learning_rate(999, 0.025) == pytest.approx(0.025 * 1.002)
     assert pm.learning_rate(0, 0.025) == pytest.approx(0.025 * 1.002 ** 1000)
+    # the first sampling step uses lr_warmup as it is, at any t (the reference sets its table entry to it)
+    assert pm.step_learning_rate(991, 0.025, 0.007, first=True) == 0.007
+    assert pm.step_learning_rate(600, 0.025, 0.007, first=True) == 0.007
+    assert pm.step_learning_rate(600, 0.025, 0.007, first=False) == pytest.approx(0.025 * 1.002 ** 400)
     torch.testing.assert_close(pm.total_loss(torch.tensor([1.0]), torch.tensor([-0.5]), torch.tensor([4.0])),
                                torch.tensor([-1.0]))
 
@@ -110,11 +123,20 @@ def test_boundary_control_by_hand():
     assert torch.equal(out[:, :, 0], probs[:, :, 0])               # fully foreground pixel: untouched
     assert torch.equal(out[:, :, 1:, 0], probs[:, :, 1:, 0]) and torch.equal(out[:, :, 1:, 77], probs[:, :, 1:, 77])
     assert out[:, :, 1:, 1:77].abs().max() == 0                     # background: text columns zeroed, no renormalising
-    # fully foreground means every latent pixel under the layer pixel is masked
+    # inside maps at 1/2: the reference rule (bilinear, = 1) and the area rule agree there (a 2 x 2 average)
     fg = torch.zeros(1, 1, 4, 4)
     fg[..., :2, :] = 1
     fg[..., 2, 0] = 1
-    assert pm.fully_foreground(fg, 2, 2).tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    for rule in pm.INSIDE_MAP_RULES:
+        assert pm.inside_map(fg, 2, 2, rule).tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    # at 1/4 the reference rule samples the block's centre 2 x 2 only; the area rule wants the whole block
+    fg = torch.zeros(1, 1, 8, 8)
+    fg[..., 1:3, 1:3] = 1                                           # the centre of block (0, 0), not its rim
+    fg[..., 4:8, 4:8] = 1                                           # all of block (1, 1)
+    assert pm.inside_map(fg, 2, 2, "reference").tolist() == [[1.0, 0.0, 0.0, 1.0]]
+    assert pm.inside_map(fg, 2, 2, "area").tolist() == [[0.0, 0.0, 0.0, 1.0]]
+    # boundary control's map: a sample with nothing to inpaint is not controlled (the reference passes no mask)
+    assert pm.control_map(torch.zeros(1, 1, 8, 8), 2, 2).tolist() == [[1.0, 1.0, 1.0, 1.0]]
 
 
 def test_blend_kernel():
@@ -202,7 +224,7 @@ def test_boundary_control_removes_text_attention_from_the_background(sd15):
     for p in probes:                                               # [rows, heads, N, 77]
         side = int(p.shape[-2] ** 0.5)
         sizes.add((side, p.shape[0]))
-        full = pm.fully_foreground(fg, side, side)[0].bool()
+        full = pm.inside_map(fg, side, side)[0].bool()
         assert p[:, :, ~full, 1:].abs().max() == 0
         assert (p[:, :, ~full, 0] > 0).all()                       # SOT kept everywhere
         assert (p[:, :, full, 1:].sum(-1) > 0).all()
@@ -237,7 +259,7 @@ def test_nodes(sd15):
     with torch.inference_mode():
         (prepared,) = guidance.execute(model=sd15, clip=clip, prompt="a red vase",
                                        semantic_boundary_control=True).result
-        (fast,) = sampler_node.execute(preset="fast", optimise_every=10, inner_steps=10, lr=0.025, lr_warmup=0.008,
+        (fast,) = sampler_node.execute(preset="fast", optimise_every=10, inner_steps=10, lr=0.025, lr_warmup=0.007,
                                        coef=150.0, gamma=1.0, momentum=0.7).result
     guide = prepared.model_options[pilot.GUIDE_KEY]
     assert guide.word_indices == [1, 2, 3] and guide.boundary_control

@@ -1,6 +1,8 @@
 """RASG's math (kernels/rasg.py): eq. (8)/(11) in sigma space, the eq. (10) objective, standardisation."""
 import math
 
+import pytest
+
 import torch
 
 from faithful_inpaint.kernels import rasg
@@ -60,3 +62,40 @@ def test_standardised_has_unit_std_per_sample_and_keeps_the_mean_sign():
     z = rasg.standardised(g)
     torch.testing.assert_close(z.flatten(1).std(1), torch.ones(3))
     assert (z.flatten(1).mean(1) > 0).all()
+
+
+def test_standardised_over_the_region_the_gradient_lives_in():
+    """With a latent noise mask the gradient is 0 outside it; the std over the mask makes the noise there unit."""
+    g = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) + 0.2
+    region = torch.zeros(2, 1, 8, 8)
+    region[0, :, 2:6, 2:6] = 1                                      # 25% of the latent
+    region[1, :, :, :4] = 1                                         # 50%
+    g = g * region
+    z = rasg.standardised(g, region)
+    for b, frac in ((0, 0.25), (1, 0.5)):
+        inside = z[b][region[b].expand(4, -1, -1).bool()]
+        torch.testing.assert_close(inside.std(), torch.tensor(1.0))
+        assert inside.mean() > 0                                    # the mean is kept
+        assert z[b][~region[b].expand(4, -1, -1).bool()].abs().max() == 0
+        # the whole-latent std (the previous rule) makes the noise inside 1 / sqrt(fraction) strong instead
+        whole = rasg.standardised(g)[b][region[b].expand(4, -1, -1).bool()].std()
+        assert whole == pytest.approx(1 / frac ** 0.5, rel=0.1)
+    # no region: the whole latent, eq. (8)
+    torch.testing.assert_close(rasg.standardised(g, None), rasg.standardised(g))
+
+
+def test_layer_mask_rules_by_hand():
+    """area >= 0.5 counts the token's covered area; the port's bicubic > 0.5 weighs its centre (taps -0.09375,
+    0.59375, 0.59375, -0.09375 when shrinking by 2 or 4: PyTorch's cubic kernel, A = -0.75)."""
+    from faithful_inpaint.kernels import masks
+
+    m = torch.zeros(1, 1, 8, 8)
+    m[..., :, 2:4] = 1                                              # half of the first 4-wide block, off-centre
+    m[..., :, 4:7] = 1                                              # 3/4 of the second block, its centre included
+    area = masks.at_resolution(m, 2, 2, rule="area").view(2, 2)
+    port = masks.at_resolution(m, 2, 2, rule="bicubic").view(2, 2)
+    assert area.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    # first block: pixels 0..3 -> 0, 0, 1, 1 -> 0.59375 - 0.09375 = 0.5, not > 0.5
+    assert port.tolist() == [[0.0, 1.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="layer-mask rule"):
+        masks.at_resolution(m, 2, 2, rule="nearest")

@@ -70,8 +70,9 @@ def test_guidance_changes_only_the_masked_region(sd15):
 class OneCall:
     """A single sampling-time model call of a prepared model, as sample_rasg makes it."""
 
-    def __init__(self, model, batch=1):
+    def __init__(self, model, batch=1, noise_mask=True):
         self.model = model
+        self.noise_mask = square(batch=batch) if noise_mask is True else noise_mask
         pos, neg = conds()
         self.sampler = comfy.samplers.KSampler(model, steps=4, device=model.load_device, sampler="euler",
                                                scheduler="ddim_uniform")
@@ -86,8 +87,9 @@ class OneCall:
             guide = rasg._guide(extra_args)
             mask = rasg._latent_mask(guide, extra_args, x_)
             s_in = x_.new_ones([x_.shape[0]])
-            _, z = rasg._guided_call(model_k, guide, x, sigmas[0], s_in, extra_args, mask)
-            captured["z"] = z
+            region = rasg._gradient_region(extra_args, x_)
+            _, z = rasg._guided_call(model_k, guide, x, sigmas[0], s_in, extra_args, mask, region)
+            captured["z"], captured["region"] = z, region
             for name, xx in (("before", x), ("after", x + 0.05 * z)):
                 guide.recorder.clear()
                 guide.recorder.enabled = True
@@ -100,7 +102,7 @@ class OneCall:
         latent = torch.zeros(self.batch, 4, 16, 16)
         with torch.inference_mode():
             comfy.sample.sample_custom(self.model, torch.zeros_like(latent), 5.0, comfy.samplers.KSAMPLER(fn),
-                                       sigmas, self.pos, self.neg, latent, noise_mask=square(batch=self.batch),
+                                       sigmas, self.pos, self.neg, latent, noise_mask=self.noise_mask,
                                        seed=0, disable_pbar=True)
         return captured
 
@@ -110,7 +112,44 @@ def test_injected_term_has_unit_std_and_lowers_the_objective(sd15):
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * 3.0
     got = OneCall(prepared, batch=2).guided(x, 3.0)
     z = got["z"]
-    torch.testing.assert_close(z.flatten(1).std(1), torch.ones(2), atol=1e-4, rtol=1e-4)
+    inside = square(batch=2).expand_as(z).bool()
+    for b in range(2):
+        torch.testing.assert_close(z[b][inside[b]].std(), torch.tensor(1.0), atol=1e-4, rtol=1e-4)
+        assert z[b][~inside[b]].abs().max() == 0
+    assert got["after"] < got["before"]
+
+
+def set_latent_noise_mask(mask):
+    """The latent's noise mask as ComfyUI's SetLatentNoiseMask node writes it."""
+    import nodes
+
+    (latent,) = nodes.NODE_CLASS_MAPPINGS["SetLatentNoiseMask"]().set_mask({"samples": torch.zeros(1, 4, 16, 16)},
+                                                                           mask)
+    return latent["noise_mask"]
+
+
+@pytest.mark.parametrize("route", ["noise mask", "guidance mask + noise mask", "guidance mask, no noise mask"])
+def test_noise_term_has_unit_std_where_the_gradient_lives(sd15, route):
+    """Under a latent noise mask (SetLatentNoiseMask / InpaintModelConditioning) the gradient is 0 outside the mask,
+    so the std is taken inside it: the noise injected there has unit std, whichever node gives RASG its mask.
+    Without a noise mask the gradient lives everywhere and the whole latent has unit std (eq. 8)."""
+    pixels = torch.zeros(1, 128, 128)
+    pixels[:, 20:100, 36:92] = 1                                    # not aligned to the 8 px latent grid: soft edge
+    noise_mask = None if route.endswith("no noise mask") else set_latent_noise_mask(pixels)
+    prepared = rasg.install(sd15, TOKENS, mask=None if route == "noise mask" else pixels)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * 3.0
+    got = OneCall(prepared, noise_mask=noise_mask).guided(x, 3.0)
+    z = got["z"][0]
+    if noise_mask is None:
+        assert got["region"] is None
+        torch.testing.assert_close(z.std(), torch.tensor(1.0), atol=1e-4, rtol=1e-4)
+        assert z[:, 0, 0].abs().max() > 0                           # the gradient reaches pixels outside the mask
+    else:
+        region = got["region"][0].expand_as(z)
+        latent = torch.nn.functional.interpolate(pixels[:, None], size=(16, 16), mode="bilinear")[0]
+        assert torch.equal(region, (latent > 0).expand_as(z))      # the noise mask's support at latent size
+        torch.testing.assert_close(z[region].std(), torch.tensor(1.0), atol=1e-4, rtol=1e-4)
+        assert z[~region].abs().max() == 0
     assert got["after"] < got["before"]
 
 
