@@ -24,6 +24,7 @@ Public API:
   folder_for(kind) -> str                 ComfyUI models sub-folder ("checkpoints", "controlnet", ...)
   filename_for(kind) -> str               file name inside that folder (as ComfyUI's loader combos list it)
   write_model_file(kind, path, seed=0)    writes one .safetensors file, returns its Path
+  write_layout_file(kind, path)           the same keys and shapes with all-zero weights, sparse (no disk)
   ensure_smoke_models(models_dir, kinds)  writes missing files into models_dir/<folder>/, returns {kind: filename}
   default_models_dir() -> Path            <repo>/.smoke/models, or $FAITHFUL_SMOKE_DIR
   register_model_folders(models_dir, kinds)  adds models_dir/<folder> to ComfyUI's folder_paths (in-process hosts)
@@ -442,8 +443,9 @@ class _Filler:
         return x.to(torch.float16).reshape(shape)
 
 
-def _write_safetensors(path: Path, tensors: dict, filler: _Filler, metadata: dict) -> None:
-    """Stream a safetensors file: header from the shapes, then each tensor as it is generated."""
+def _write_safetensors(path: Path, tensors: dict, filler: _Filler | None, metadata: dict) -> None:
+    """Stream a safetensors file: header from the shapes, then each tensor as it is generated (``filler`` None: all
+    zeros, left as a hole in a sparse file, so the file takes almost no disk)."""
     header = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
     offset = 0
     order = list(tensors)
@@ -458,6 +460,9 @@ def _write_safetensors(path: Path, tensors: dict, filler: _Filler, metadata: dic
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
+        if filler is None:
+            f.truncate(f.tell() + offset)
+            return
         for k in order:
             v = filler.make(k, tensors[k])
             assert list(v.shape) == header[k]["shape"], k
@@ -503,6 +508,19 @@ def write_model_file(kind: str, path, seed: int = 0) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def write_layout_file(kind: str, path) -> Path:
+    """A file of ``kind`` with its real keys, shapes and header but all-zero weights, sparse on disk: for what reads
+    only what a file is (its keys and shapes), not its weights, without writing gigabytes (SDXL: 6.9 GB)."""
+    spec = _spec(kind)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "faithful_inpaint_smoke": "all-zero weights (layout only)", "kind": kind}
+    if spec.metadata is not None:
+        meta.update(spec.metadata())
+    _write_safetensors(path, spec.layout(), None, meta)
     return path
 
 

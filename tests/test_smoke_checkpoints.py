@@ -131,6 +131,18 @@ def test_writer_is_deterministic_cached_and_valid(tmp_path):
     assert sc.is_current(kind, path)
 
 
+def test_layout_file_has_the_real_header_zero_weights_and_no_disk(tmp_path):
+    import safetensors
+
+    kind = "controlnet_sd15"
+    path = sc.write_layout_file(kind, tmp_path / "c.safetensors")
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} == {k: s for k, (s, _) in
+                                                                             sc.layout(kind).items()}
+        assert not f.get_tensor("control_model.input_blocks.0.0.weight").any()
+    assert path.stat().st_size > 700e6 and path.stat().st_blocks * 512 < 8e6      # 723 MB long, a sparse hole
+
+
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
