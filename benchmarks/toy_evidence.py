@@ -629,10 +629,13 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "attention": attention,
                                                   "control_change": control_change, "rows": rows}, indent=1))
-    picture_grid(cases, results, out / "grid.png", args.grid_cases,
-                 subjects=any(CLIP_VISION_FILE in m.files for m in chosen))
+    written = [out / "results.md", out / "results.json"]
+    if args.grid_cases:                                   # --grid-cases 0: no picture (it crashed on an empty grid)
+        picture_grid(cases, results, out / "grid.png", args.grid_cases,
+                     subjects=any(CLIP_VISION_FILE in m.files for m in chosen))
+        written.append(out / "grid.png")
     print(text)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'grid.png'}")
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
