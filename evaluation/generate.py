@@ -8,7 +8,6 @@ seed; keys the workflow does not declare are left alone for per-case values (an 
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import time
@@ -71,12 +70,8 @@ def is_api_format(workflow: dict) -> bool:
 
 
 def stage_png(data: bytes, stem: str) -> str:
-    """Put PNG bytes into the run folder under a content-hashed name; return the name LoadImage resolves."""
-    name = f"{stem}-{hashlib.sha1(data).hexdigest()[:12]}.png"
-    target = run_folder().root / "temp" / name
-    if not target.exists():
-        target.write_bytes(data)
-    return f"{name} [temp]"
+    """Put PNG bytes into the run folder (RunFolder.stage_bytes); return the name LoadImage resolves."""
+    return run_folder().stage_bytes(data, stem)
 
 
 def png_bytes(image) -> bytes:

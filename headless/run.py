@@ -121,9 +121,14 @@ class RunFolder:
         """Copy a user's image under a content-hashed name; a file PIL cannot fully decode is refused here (ComfyUI's
         LoadImage would retry it as a truncated image and go on with grey pixels)."""
         check_image_file(path, option)
-        data = Path(path).read_bytes()
-        name = f"{Path(path).stem}-{hashlib.sha1(data).hexdigest()[:10]}{Path(path).suffix or '.png'}"
-        (self.root / "temp" / name).write_bytes(data)
+        return self.stage_bytes(Path(path).read_bytes(), Path(path).stem, Path(path).suffix or ".png")
+
+    def stage_bytes(self, data: bytes, stem: str, suffix: str = ".png") -> str:
+        """Write image bytes to ``temp/`` under a content-hashed name; return the name LoadImage resolves."""
+        name = f"{stem}-{hashlib.sha1(data).hexdigest()[:10]}{suffix}"
+        target = self.root / "temp" / name
+        if not target.exists():
+            target.write_bytes(data)
         return f"{name} [temp]"
 
     def stage_model(self, path_or_name: str, folder: str = "checkpoints") -> str:
