@@ -46,7 +46,15 @@ from faithful_inpaint.kernels import toy_world as tw
 
 METRICS = ("present", "dominant", "shape_ok")
 DEFAULT_SEED = 10_000     # the first case's seed
-TOY_FILES = {"inpaint": "toy_world_inpaint.safetensors", "plain": "toy_world.safetensors"}
+# Each role's toy file (in the toy folder), per world: the neglect world's 9-channel and 4-channel models are the
+# sd-inpaint recipe's (toy/README.md); the trained add-ons default to the first world's (``--file ROLE=NAME`` names a
+# retrained one).
+TOY_FILES = {"inpaint": "toy_world_inpaint.safetensors", "plain": "toy_world.safetensors",
+             "branch": "toy_brushnet.safetensors", "adapter": "toy_image_prompt.safetensors",
+             "refinenet": "toy_refinenet.safetensors", "clip_vision": "toy_clip_vision.safetensors"}
+WORLD_FILES = {"objects": TOY_FILES,
+               "neglect": {**TOY_FILES, "inpaint": "toy_world_sd_inpaint.safetensors",
+                           "plain": "toy_world_sd.safetensors"}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,6 +73,7 @@ class CaseInputs:
     negative: Any
     subject: torch.Tensor  # [1, H, W, 3] the image prompt: the prompted object alone on white
     clip_vision: Any      # the toy CLIP vision (loaded on first use)
+    files: dict           # role -> file name (TOY_FILES, as this run picks them)
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ class Mechanism:
     baseline: str | None  # the entry its paired differences are taken against
     prepare: Callable[[CaseInputs], tuple[Any, Any]]   # -> (patched ModelPatcher, KSAMPLER)
     text: bool = True     # False: the text prompt is empty, the case's colour and shape come from the image prompt
-    files: tuple[str, ...] = ()   # trained files it needs from the toy folder (checked before anything runs)
+    files: tuple[str, ...] = ()   # roles (TOY_FILES) of the trained add-ons it needs (checked before anything runs)
 
 
 def _ddim():
@@ -107,11 +116,14 @@ def painta_only(ci: CaseInputs):
     return with_painta(ci), _ddim()
 
 
-def rasg_on(ci: CaseInputs, model=None):
+RASG_ETA = 0.15          # the paper's eta: eq. 11's sigma_t at this eta is the guidance term's strength
+
+
+def rasg_on(ci: CaseInputs, model=None, eta: float = RASG_ETA):
     _, _, rasg = _nodes()
     (guided,) = rasg.RASGGuidance.execute(model=model or ci.model, clip=ci.clip, prompt=ci.prompt,
                                           attention_resolution="1/32 (paper)", mask=ci.mask)
-    (sampler,) = rasg.RASGSampler.execute(eta=0.15, sigma_rule="paper (eq. 11)", guide_start=0.0, guide_end=1.0)
+    (sampler,) = rasg.RASGSampler.execute(eta=eta, sigma_rule="paper (eq. 11)", guide_start=0.0, guide_end=1.0)
     return guided, sampler
 
 
@@ -172,31 +184,27 @@ def block_masked_to_known(model, mask: torch.Tensor):
     return clone
 
 
-BRANCH_FILE = "toy_brushnet.safetensors"   # in the pack's toy/ folder (training command: docs/toy-world.md)
-
-
 def with_branch(ci: CaseInputs):
     """The BrushNet-style branch trained beside the 4-channel toy model, at strength 1 over the whole schedule."""
     from faithful_inpaint.nodes import brush_branch
 
-    (branch,) = brush_branch.BrushBranchLoader.execute(branch_name=BRANCH_FILE)
+    (branch,) = brush_branch.BrushBranchLoader.execute(branch_name=ci.files["branch"])
     patched, *_ = brush_branch.BrushBranchApply.execute(model=ci.model, branch=branch, vae=ci.vae, image=ci.image,
                                                         mask=ci.mask, positive=ci.positive, negative=ci.negative,
                                                         strength=1.0, start=0.0, end=1.0)
     return patched, _ddim()
 
 
-ADAPTER_FILE = "toy_image_prompt.safetensors"   # toy/ (LAR-Gen stage 1 on the toy world: docs/toy-world.md)
-REFINENET_FILE = "toy_refinenet.safetensors"   # toy/ (LAR-Gen stage 2)
-CLIP_VISION_FILE = "toy_clip_vision.safetensors"   # toy/ (fixed random weights: toy/README.md)
-IMAGE_PROMPT_FILES = (ADAPTER_FILE, CLIP_VISION_FILE)
+IMAGE_PROMPT_FILES = ("adapter", "clip_vision")     # LAR-Gen stage 1 on the toy world and its fixed image encoder
+REFINENET_FILE = "refinenet"                          # LAR-Gen stage 2
+CLIP_VISION_FILE = "clip_vision"
 
 
 def with_image_prompt(ci: CaseInputs, beta: float, model=None):
     """LAR-Gen's decoupled image-prompt attention (eq. 7) with the toy-trained adapter, over the whole schedule."""
     from faithful_inpaint.nodes import image_prompt
 
-    (adapter,) = image_prompt.ImagePromptAdapterLoader.execute(adapter_name=ADAPTER_FILE)
+    (adapter,) = image_prompt.ImagePromptAdapterLoader.execute(adapter_name=ci.files["adapter"])
     (patched,) = image_prompt.ImagePromptApply.execute(model=model or ci.model, adapter=adapter,
                                                        clip_vision=ci.clip_vision, image=ci.subject, beta=beta,
                                                        start_percent=0.0, end_percent=1.0, mode="text + image")
@@ -212,7 +220,7 @@ def image_prompt_and_refinenet(ci: CaseInputs, beta: float | None):
     paper's setting)."""
     from faithful_inpaint.nodes import refinenet
 
-    (net,) = refinenet.RefineNetLoader.execute(refinenet_name=REFINENET_FILE)
+    (net,) = refinenet.RefineNetLoader.execute(refinenet_name=ci.files["refinenet"])
     model = ci.model if beta is None else with_image_prompt(ci, beta)
     (patched,) = refinenet.RefineNetApply.execute(model=model, refinenet=net,
                                                   clip_vision=ci.clip_vision, vae=ci.vae, subject=ci.subject,
@@ -229,11 +237,14 @@ MECHANISMS = [
     Mechanism("PAIntA", "inpaint", "baseline", painta_only),
     Mechanism("RASG", "inpaint", "baseline", rasg_on),
     Mechanism("PAIntA + RASG", "inpaint", "baseline", painta_and_rasg),
+    # RASG at smaller strengths than eq. 11's (eta 0.15): the same sigma rule at a lower eta
+    Mechanism("RASG (eta 0.05)", "inpaint", "baseline", functools.partial(rasg_on, eta=0.05)),
+    Mechanism("RASG (eta 0.015)", "inpaint", "baseline", functools.partial(rasg_on, eta=0.015)),
     Mechanism("baseline (4-ch, noise mask)", "plain", None, plain),
     Mechanism("PAIntA (4-ch)", "plain", "baseline (4-ch, noise mask)", painta_only),
     Mechanism("PILOT", "plain", "baseline (4-ch, noise mask)", pilot_on),
     Mechanism("BrushNet branch (toy-trained)", "plain", "baseline (4-ch, noise mask)", with_branch,
-              files=(BRANCH_FILE,)),
+              files=("branch",)),
     # LAR-Gen (toy-trained adapter and RefineNet): the subject image alone must say what to paint ...
     Mechanism(NO_TEXT, "inpaint", None, plain, text=False),
     Mechanism("image prompt, no text (beta 1)", "inpaint", NO_TEXT, functools.partial(image_prompt_on, beta=1.0),
@@ -260,22 +271,23 @@ MECHANISMS = [
 @dataclass
 class ToyModels:
     loaded: dict          # "inpaint" / "plain" -> (ModelPatcher, CLIP, VAE)
+    files: dict           # role -> file name (TOY_FILES with this run's choices)
     _clip_vision: Any = None
 
     @classmethod
     def load(cls, kinds, files: dict | None = None):
-        """The toy models of ``kinds`` ("inpaint", "plain"), from ``files`` (kind -> file name; TOY_FILES)."""
+        """The toy models of ``kinds`` ("inpaint", "plain"), from ``files`` (role -> file name, over TOY_FILES)."""
         from faithful_inpaint.nodes.toy_world import ToyWorldLoader
 
         files = {**TOY_FILES, **(files or {})}
-        return cls({kind: tuple(ToyWorldLoader.execute(checkpoint=files[kind])) for kind in kinds})
+        return cls({kind: tuple(ToyWorldLoader.execute(checkpoint=files[kind])) for kind in kinds}, files)
 
     @property
     def clip_vision(self):
         if self._clip_vision is None:
             from faithful_inpaint.nodes.toy_world import ToyWorldClipVisionLoader
 
-            (self._clip_vision,) = ToyWorldClipVisionLoader.execute(clip_vision=CLIP_VISION_FILE)
+            (self._clip_vision,) = ToyWorldClipVisionLoader.execute(clip_vision=self.files[CLIP_VISION_FILE])
         return self._clip_vision
 
 
@@ -307,7 +319,7 @@ def run_case(models: ToyModels, mechanism: Mechanism, case: tw.InpaintCase, step
         latent = {"samples": vae.encode(image), "noise_mask": mask[:, None]}
     clip_vision = models.clip_vision if CLIP_VISION_FILE in mechanism.files else None
     patched, sampler = mechanism.prepare(CaseInputs(model, clip, vae, prompt, image, mask, positive, negative,
-                                                    subject, clip_vision))
+                                                    subject, clip_vision, models.files))
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
     noise = comfy.sample.prepare_noise(latent["samples"], case.seed)
     out = comfy.sample.sample_custom(patched, noise, cfg, sampler, sigmas, positive, negative, latent["samples"],
@@ -326,7 +338,8 @@ def toy_variant(mechanism: Mechanism, load_models: Callable[[], ToyModels], toy_
                 cfg: float, model_files: dict | None = None) -> engine.Variant:
     """The mechanism as an evaluation variant: sampled by :func:`run_case`, the result cells kept exactly; the run
     key covers the mechanism, the sampling settings and the toy files it reads (``model_files`` as ToyModels.load)."""
-    files = ({**TOY_FILES, **(model_files or {})}[mechanism.model],) + mechanism.files
+    chosen = {**TOY_FILES, **(model_files or {})}
+    files = [chosen[role] for role in (mechanism.model,) + mechanism.files]
     settings = {"toy mechanism": mechanism.name, "steps": steps, "cfg": cfg, "text": mechanism.text,
                 "files": {f: file_digest(toy_dir / f) for f in files if (toy_dir / f).is_file()}}
 
@@ -522,8 +535,10 @@ def main(argv=None) -> int:
     p.add_argument("--world", default="objects", choices=sorted(tw.WORLDS),
                    help="objects: make_cases (mask on empty background or next to an object); neglect: "
                         "make_neglect_cases (structured backgrounds, prompted object absent, neighbour partly masked)")
-    p.add_argument("--inpaint-checkpoint", default=TOY_FILES["inpaint"],
-                   help="the 9-channel toy file the 'inpaint' entries load (e.g. toy_world_sd_inpaint.safetensors)")
+    p.add_argument("--file", action="append", default=[], metavar="ROLE=NAME",
+                   help=f"the toy file of a role ({', '.join(TOY_FILES)}) in the toy folder, instead of the world's "
+                        f"default (WORLD_FILES); e.g. branch=toy_sd_brushnet.safetensors for a branch retrained on "
+                        f"the neglect world's base")
     p.add_argument("--attention-only", action="store_true",
                    help="only the attention statistics of the 9-channel baseline on --attention-cases cases "
                         "(attention.md in --out), then exit")
@@ -555,19 +570,25 @@ def main(argv=None) -> int:
     toy_dir = Path(args.toy_dir or host.PACK_ROOT / "toy").resolve()
     for folder in ("inpaint", "ipadapter", "refinenet"):          # the toy-trained branch, adapter and RefineNet
         folder_paths.add_model_folder_path(folder, str(toy_dir), is_default=True)
-    needed = set() if args.attention_only else {f for m in chosen for f in m.files}
-    missing = sorted(f for f in needed if not (toy_dir / f).is_file())
+    files = dict(WORLD_FILES[args.world])
+    for item in args.file:
+        role, _, name = item.partition("=")
+        if role not in TOY_FILES or not name:
+            p.error(f"--file {item!r}: expected ROLE=NAME with ROLE one of {list(TOY_FILES)}")
+        files[role] = name
+    needed = {"inpaint"} if args.attention_only else {r for m in chosen for r in (m.model,) + m.files}
+    missing = sorted(files[r] for r in needed if not (toy_dir / files[r]).is_file()
+                     and not folder_paths.get_full_path("toy_world", files[r]))
     if missing:
         p.error(f"missing in {toy_dir}: {missing}; train them (toy/README.md) or leave their mechanisms out with "
                 f"--only")
 
-    files = {"inpaint": args.inpaint_checkpoint}
     if args.attention_only:
         cases = tw.WORLDS[args.world](args.attention_cases, args.seed)
         with torch.inference_mode():
             models = ToyModels.load({"inpaint"}, files)
             attention = attention_statistics(models, cases, args.steps, args.cfg)
-        text = "\n".join([f"# Self-attention of {args.inpaint_checkpoint} on {args.attention_cases} {args.world} "
+        text = "\n".join([f"# Self-attention of {files['inpaint']} on {args.attention_cases} {args.world} "
                           f"cases (masked query pixels, conditional pass, {args.steps} steps)", ""]
                          + attention_table(attention))
         (out / "attention.md").write_text(text + "\n")

@@ -130,10 +130,9 @@ def test_both_stages_train_on_the_toy_model_and_their_files_apply(quads, tmp_pat
     entry = next(m for m in ev.MECHANISMS if m.name == "image prompt (beta 0.3) + RefineNet, no text")
     baseline = next(m for m in ev.MECHANISMS if m.name == ev.NO_TEXT)
     case = tw.make_case(0, "background")
-    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev, "ADAPTER_FILE", "toy_lar_test_adapter.safetensors")
-        mp.setattr(ev, "REFINENET_FILE", "toy_lar_test_refinenet.safetensors")
-        models = ev.ToyModels.load({"inpaint"})
+    with torch.inference_mode():
+        models = ev.ToyModels.load({"inpaint"}, {"adapter": "toy_lar_test_adapter.safetensors",
+                                                 "refinenet": "toy_lar_test_refinenet.safetensors"})
         patched, _ = ev.run_case(models, entry, case, steps=4, cfg=4.0)
         plain, _ = ev.run_case(models, baseline, case, steps=4, cfg=4.0)
     assert np.abs(patched - plain).max() > 1e-3
@@ -147,7 +146,8 @@ def test_both_stages_train_on_the_toy_model_and_their_files_apply(quads, tmp_pat
 def shipped(tmp_path_factory):
     import folder_paths
 
-    for name, folder in ((ev.ADAPTER_FILE, "ipadapter"), (ev.REFINENET_FILE, "refinenet")):
+    for role, folder in (("adapter", "ipadapter"), ("refinenet", "refinenet")):
+        name = ev.TOY_FILES[role]
         folder_paths.add_model_folder_path(folder, str(toy_path(name).parent))
     with torch.inference_mode():
         return ev.ToyModels.load({"inpaint"})

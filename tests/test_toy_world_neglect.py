@@ -281,8 +281,7 @@ def test_attention_report_command_on_an_sd_inpaint_checkpoint(tmp_path):
 
     fresh_checkpoint(tmp_path / "toy_world_sd_inpaint.safetensors", "inpaint", seed=1, recipe="sd-inpaint")
     out = tmp_path / "out"
-    assert ev.main(["--attention-only", "--toy-dir", str(tmp_path), "--inpaint-checkpoint",
-                    "toy_world_sd_inpaint.safetensors", "--world", "neglect", "--attention-cases", "1",
+    assert ev.main(["--attention-only", "--toy-dir", str(tmp_path), "--world", "neglect", "--attention-cases", "1",
                     "--steps", "1", "--out", str(out)]) == 0
     lines = (out / "attention.md").read_text().splitlines()
     rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 16x16") or line.startswith("| 8x8")]
