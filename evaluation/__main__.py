@@ -111,7 +111,8 @@ def table_variants(args, table):
                 raise MetricError(f"row '{row.name}' needs --{opt.replace('_', '-')} ({FILE_OPTIONS[opt][1]})")
             values[key] = run_folder().stage_model(given, FILE_OPTIONS[opt][0])
         values.update(sets)
-        variants.append(workflow_variant(row.name, WORKFLOWS / row.workflow, values, baseline=row.baseline))
+        variants.append(workflow_variant(row.name, WORKFLOWS / row.workflow, values, baseline=row.baseline,
+                                         bypass=row.bypass))
     return variants
 
 

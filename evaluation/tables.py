@@ -13,6 +13,8 @@ class Row:
     files: dict = field(default_factory=dict)    # override key -> CLI option naming the user's file
     values: dict = field(default_factory=dict)   # fixed override values
     baseline: str | None = None
+    bypass: tuple[str, ...] = ()          # node types bypassed in the workflow (as Ctrl+B in the UI: a bypassed
+                                          # node's consumers take its matching input instead)
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,16 @@ BRANCHES = Table(
     notes=("BrushNet's code divides the squared error by the number of unmasked pixels (not pixels x channels) and "
            "caps PSNR at 1000; ours is torchmetrics' per-channel mean, and an identical region gives PSNR inf.",))
 
+ADAPTER = {"ckpt": "ckpt", "ipadapter": "ipadapter", "clip_vision": "clip_vision"}
 LAR_GEN = Table(
-    "lar-gen", "LAR-Gen table 1/2: text only, image only, text + image with RefineNet",
+    "lar-gen", "LAR-Gen table 1/2: text only, image only, text + image without and with RefineNet",
     (Row("text only", "lar_gen_text_only.json", {"ckpt": "ckpt", "ipadapter": "ipadapter",
                                                  "clip_vision": "clip_vision"}),
      Row("image only (beta 1, no text)", "lar_gen_image_only.json",
          {"ckpt": "ckpt", "ipadapter": "ipadapter", "clip_vision": "clip_vision", "refinenet": "refinenet"},
          {"beta": 1.0}, baseline="text only"),
+     Row("text + image (beta 0.3)", "lar_gen.json", ADAPTER, {"beta": 0.3}, baseline="text only",
+         bypass=("RefineNetLoader", "RefineNetApply")),
      Row("text + image (beta 0.3) + RefineNet", "lar_gen.json",
          {"ckpt": "ckpt", "ipadapter": "ipadapter", "clip_vision": "clip_vision", "refinenet": "refinenet"},
          {"beta": 0.3}, baseline="text only")),
@@ -97,6 +102,8 @@ LAR_GEN = Table(
     paper={"image only (beta 1, no text)": {"clip_i": 83.39, "clip_t": 26.07},
            "text + image (beta 0.3) + RefineNet": {"clip_i": 79.15, "clip_t": 29.94}},
     notes=("Paper: 2,000 quadruples (20 COCO scenes x 10 DreamBooth subjects x 10 prompts), CLIP ViT on the "
-           "inpainted region; 'text + image without RefineNet' has no bundled workflow (add it with --workflow).",))
+           "inpainted region.",
+           "'text + image (beta 0.3)' is lar_gen.json with its RefineNet nodes bypassed (the adapter's model goes "
+           "straight to the sampler), as the paper's ablation without RefineNet."))
 
 TABLES = {t.name: t for t in (PROFI, PILOT, BRANCHES, LAR_GEN)}
