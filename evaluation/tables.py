@@ -26,6 +26,7 @@ class Table:
     metrics: tuple[str, ...]
     paper: dict = field(default_factory=dict)    # {row: {metric: published value}}
     notes: tuple[str, ...] = ()
+    optional_metrics: tuple[str, ...] = ()       # added by default when their files are given (--pickscore ...)
 
 
 # CLI option -> (ComfyUI models folder, help)
@@ -57,7 +58,8 @@ PROFI = Table(
            "RASG & PAIntA": {"clip_score": 26.32, "clip_accuracy": 0.6805, "aesthetic": 4.980}},
     notes=("Paper: DreamShaper 8 inpainting, 10,000 MSCOCO val2017 convex-hull instance masks, mean of 5 seeds.",
            "Accuracy here is CLIP's classification of the crop among the 80 COCO classes; the paper runs an "
-           "MMDetection COCO detector on the crop, so that column is comparable in trend, not in value."))
+           "MMDetection COCO detector on the crop, so that column is comparable in trend, not in value."),
+    optional_metrics=("pickscore",))
 
 PILOT = Table(
     "pilot", "PILOT: text, ControlNet and image-prompt guidance against plain inpainting",
@@ -83,7 +85,8 @@ BRANCHES = Table(
          baseline="base inpainting model")),
     "brushbench", ("aesthetic", "clip_similarity", "psnr_unmasked", "lpips_unmasked", "mse_unmasked"),
     notes=("BrushNet's code divides the squared error by the number of unmasked pixels (not pixels x channels) and "
-           "caps PSNR at 1000; ours is torchmetrics' per-channel mean, and an identical region gives PSNR inf.",))
+           "caps PSNR at 1000; ours is torchmetrics' per-channel mean, and an identical region gives PSNR inf.",),
+    optional_metrics=("image_reward", "hps_v2"))
 
 ADAPTER = {"ckpt": "ckpt", "ipadapter": "ipadapter", "clip_vision": "clip_vision"}
 LAR_GEN = Table(
