@@ -585,10 +585,10 @@ def test_hps_v2_is_the_cosine_of_the_open_clip_features(tmp_path):
             want = float((image_features @ text_features.T)[0, 0])
         got = hps.compute(metric_input(output, output, np.ones((h, w), bool), prompt))["hps_v2"]
         assert got == pytest.approx(want, abs=1e-5) and -1 <= got <= 1
-    with pytest.raises(MetricError, match=r"aesthetic\.safetensors: not an HPS v2 \(tiny-hps-arch\) checkpoint"):
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-        save_file(AestheticMLP().state_dict(), str(tmp_path / "aesthetic.safetensors"))
+    save_file(AestheticMLP().state_dict(), str(tmp_path / "aesthetic.safetensors"))
+    with pytest.raises(MetricError, match=r"aesthetic\.safetensors: not an HPS v2 \(tiny-hps-arch\) checkpoint"):
         make_metrics(["hps_v2"], MetricFiles(hps=str(tmp_path / "aesthetic.safetensors"),
                                              hps_architecture=str(config)))
     with pytest.raises(MetricError, match=r"--hps FILE"):
