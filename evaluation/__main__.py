@@ -21,7 +21,7 @@ from pathlib import Path
 
 from faithful_inpaint.evaluation import engine, report
 from faithful_inpaint.evaluation.datasets import DatasetError, open_dataset
-from faithful_inpaint.evaluation.metrics import METRICS, MetricError, MetricFiles, make_metrics
+from faithful_inpaint.evaluation.metrics import METRICS, OPTIONAL_FILES, MetricError, MetricFiles, make_metrics
 from faithful_inpaint.evaluation.tables import FILE_OPTIONS, TABLES
 from faithful_inpaint.devtools import host
 
@@ -50,6 +50,15 @@ def common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dino", help="transformers DINO / DINOv2 folder (dino)")
     g.add_argument("--lpips-backbone", help="torchvision weights of the LPIPS backbone (lpips_unmasked)")
     g.add_argument("--lpips-net", default="squeeze", choices=("squeeze", "alex", "vgg"))
+    g.add_argument("--pickscore", help="the PickScore_v1 folder (a transformers CLIP model; pickscore)")
+    g.add_argument("--pickscore-processor", help="CLIP processor folder for PickScore when not in its folder "
+                   "(the reference's: CLIP-ViT-H-14-laion2B-s32B-b79K)")
+    g.add_argument("--image-reward", help="ImageReward v1.0 checkpoint, ImageReward.pt (image_reward)")
+    g.add_argument("--image-reward-tokenizer", help="bert-base-uncased tokenizer folder (vocab.txt) for ImageReward "
+                   "(default: ImageReward.pt's folder)")
+    g.add_argument("--hps", help="HPS v2 / v2.1 checkpoint, HPS_v2(.1)_compressed.pt (hps_v2; needs open_clip_torch)")
+    g.add_argument("--hps-architecture", default="ViT-H-14", help="the open_clip model the HPS file fine-tunes "
+                   "(a name or a model config .json; default ViT-H-14, as HPS v2 and v2.1)")
 
 
 def parse_value(text: str):
@@ -85,7 +94,10 @@ def parse_args(argv=None):
     for table in TABLES.values():
         t = sub.add_parser(table.name, help=table.title)
         t.set_defaults(table=table.name)
-        t.add_argument("--metrics", nargs="+", default=list(table.metrics), choices=METRICS)
+        t.add_argument("--metrics", nargs="+", choices=METRICS,
+                       help=f"default: {' '.join(table.metrics)}"
+                            + (f", plus {' '.join(table.optional_metrics)} where their files are given"
+                               if table.optional_metrics else ""))
         t.add_argument("--only", nargs="+", metavar="ROW", help="only these rows (and their baselines)")
         needed = sorted({opt for row in table.rows for opt in row.files.values()})
         for opt in needed:
@@ -93,6 +105,11 @@ def parse_args(argv=None):
             t.add_argument(f"--{opt.replace('_', '-')}", help=f"{text} (file, or a name in models/{folder})")
         common(t)
     return p.parse_args(argv)
+
+
+def table_metrics(table, files: MetricFiles) -> list[str]:
+    """A table's metrics: the paper's, plus its preference metrics whose model file the user gave."""
+    return list(table.metrics) + [m for m in table.optional_metrics if getattr(files, OPTIONAL_FILES[m])]
 
 
 def table_variants(args, table):
@@ -111,7 +128,8 @@ def table_variants(args, table):
                 raise MetricError(f"row '{row.name}' needs --{opt.replace('_', '-')} ({FILE_OPTIONS[opt][1]})")
             values[key] = run_folder().stage_model(given, FILE_OPTIONS[opt][0])
         values.update(sets)
-        variants.append(workflow_variant(row.name, WORKFLOWS / row.workflow, values, baseline=row.baseline))
+        variants.append(workflow_variant(row.name, WORKFLOWS / row.workflow, values, baseline=row.baseline,
+                                         bypass=row.bypass))
     return variants
 
 
@@ -170,8 +188,9 @@ def main(argv=None) -> int:
         if args.limit:
             dataset.cases = dataset.cases[:args.limit]
         files = MetricFiles(args.clip, args.aesthetic_clip, args.aesthetic, args.dino, args.lpips_backbone,
-                            args.lpips_net)
-        metrics = make_metrics(args.metrics, files, dataset.class_names)
+                            args.lpips_net, args.pickscore, args.pickscore_processor, args.image_reward,
+                            args.image_reward_tokenizer, args.hps, args.hps_architecture)
+        metrics = make_metrics(args.metrics or table_metrics(table, files), files, dataset.class_names)
         variants = table_variants(args, table) if table else run_variants(args)
         index, count = engine.process_shard(args.shard_index, args.shard_count)
         try:

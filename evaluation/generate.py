@@ -112,11 +112,30 @@ def output_node(prompt: dict, wanted: str | None) -> str:
                         "score with --output-node ID")
 
 
+def bypass_nodes(workflow: dict, types, path) -> dict:
+    """A copy of the UI workflow with every node of the given types bypassed (mode 4, the UI's Ctrl+B): the
+    conversion drops them and their consumers take their matching input (a bypassed loader feeding only bypassed
+    nodes simply disappears). Each type must be in the workflow."""
+    workflow = copy.deepcopy(workflow)
+    for typ in types:
+        found = [n for n in workflow.get("nodes", []) if n.get("type") == typ]
+        if not found:
+            raise WorkflowError(f"{path}: no {typ} node to bypass")
+        for node in found:
+            node["mode"] = 4
+    return workflow
+
+
 def workflow_variant(name: str, path: str | Path, values: dict | None = None, *, baseline: str | None = None,
-                     output: str | None = None) -> Variant:
-    """A variant that runs the workflow at ``path`` with the override ``values`` ({key: value or [values]})."""
+                     output: str | None = None, bypass=()) -> Variant:
+    """A variant that runs the workflow at ``path`` with the override ``values`` ({key: value or [values]}) and the
+    nodes of the types in ``bypass`` bypassed."""
     workflow = load_workflow(path)
     api = is_api_format(workflow)
+    if bypass:
+        if api:
+            raise WorkflowError(f"{path}: bypassing nodes needs a UI workflow")
+        workflow = bypass_nodes(workflow, bypass, path)
     prompt = copy.deepcopy(workflow) if api else convert(workflow)    # groups, notes, reroutes: as the runner does
     declared = set() if api else set(declared_targets(workflow))
     if not {"image", "mask"} <= declared:

@@ -16,6 +16,10 @@ generated image cut to the mask's bounding box, ``unmasked`` = pixels outside th
 * ``clip_i`` / ``dino`` -- LAR-Gen's subject fidelity: 100 * cosine of the CLIP embeddings (``dino``: cosine of the
   DINO CLS tokens) of the subject image and the crop; ``clip_t`` -- 100 * cosine of the crop's and the prompt's CLIP
   embeddings (LAR-Gen's CLIP-T; its tables print both x 100).
+* ``pickscore`` -- PickScore v1: logit_scale.exp() * cos(CLIP(whole image), CLIP(prompt)) with the PickScore CLIP.
+* ``image_reward`` -- ImageReward v1.0: BLIP ViT-L image tokens, cross-attended by its BERT text encoder, the [CLS]
+  feature through its linear head, normalised by the published mean and std.
+* ``hps_v2`` -- HPS v2 / v2.1: cos(image, prompt) of the OpenCLIP ViT-H-14 fine-tune (the checkpoint decides which).
 * ``toy`` -- the toy world's blob scorer (kernels.toy_world.score_case) on the exact result cells.
 """
 from __future__ import annotations
@@ -41,6 +45,13 @@ class MetricFiles:
     dino: str | None = None             # a transformers DINO / DINOv2 folder
     lpips_backbone: str | None = None   # torchvision weights of the LPIPS backbone (AlexNet / SqueezeNet / VGG16)
     lpips_net: str = "squeeze"          # BrushNet's choice
+    pickscore: str | None = None        # the PickScore_v1 folder (a transformers CLIPModel)
+    pickscore_processor: str | None = None   # its processor's folder when not in ``pickscore`` (the reference
+                                              # takes it from laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
+    image_reward: str | None = None     # ImageReward.pt (THUDM/ImageReward v1.0)
+    image_reward_tokenizer: str | None = None   # bert-base-uncased tokenizer folder (default: ImageReward.pt's folder)
+    hps: str | None = None              # HPS_v2_compressed.pt / HPS_v2.1_compressed.pt
+    hps_architecture: str = "ViT-H-14"  # the open_clip model name (or a model config .json) the HPS file fine-tunes
 
 
 def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -86,11 +97,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 _cache: dict = {}
 
 
-def load_clip(folder: str | None, what: str = "clip"):
-    """(CLIPModel, CLIPProcessor) from a local transformers folder (no download)."""
+def load_clip(folder: str | None, what: str = "clip", processor_folder: str | None = None):
+    """(CLIPModel, CLIPProcessor) from a local transformers folder (the processor from ``processor_folder`` if
+    given; no download)."""
     if not folder:
         raise MetricError(f"this metric needs a CLIP model folder: --{what.replace('_', '-')} DIR")
-    key = ("clip", str(folder))
+    key = ("clip", str(folder), str(processor_folder))
     if key not in _cache:
         from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
@@ -102,9 +114,14 @@ def load_clip(folder: str | None, what: str = "clip"):
             if config.model_type != "clip":
                 raise ValueError(f"model_type is {config.model_type!r}, not 'clip'")
             model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
-            processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise MetricError(f"{path}: not a CLIP model folder ({type(error).__name__}: {error})") from None
+        source = Path(processor_folder or path)
+        try:
+            processor = CLIPProcessor.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise MetricError(f"{source}: no CLIP processor (tokenizer + image processor) there "
+                              f"({type(error).__name__}: {error})") from None
         _cache[key] = (model, processor)
     return _cache[key]
 
@@ -348,6 +365,234 @@ class Dino(Metric):
         return {"dino": float(cls[0] @ cls[1])}
 
 
+# ------------------------------------------------------------------------------------------- preference metrics
+
+class PickScore(Metric):
+    """PickScore v1 (Kirstain et al.): its CLIP's logit_scale.exp() * cos(image, prompt), the whole image."""
+    name, fields = "pickscore", ("pickscore",)
+
+    def __init__(self, files: MetricFiles):
+        if not files.pickscore:
+            raise MetricError("pickscore needs the PickScore_v1 model folder: --pickscore DIR")
+        self.model, self.processor = load_clip(files.pickscore, "pickscore", files.pickscore_processor)
+
+    @torch.no_grad()
+    def compute(self, inp: MetricInput) -> dict:
+        image = clip_image_embeddings(self.model, self.processor, [inp.output])
+        text = clip_text_embeddings(self.model, self.processor, [inp.case.prompt])
+        return {self.name: float(self.model.logit_scale.exp() * (image[0] @ text[0]))}
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)       # OpenAI CLIP's normalisation (ImageReward and HPS use it)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_REWARD_MEAN, IMAGE_REWARD_STD = 0.16717362830052426, 1.0333394966054072   # ImageReward v1.0's published
+IMAGE_REWARD_TOKENS = 35                               # prompt length the reference pads / truncates to
+HEAD_WIDTH = 64                                        # per-head width of BLIP's ViT-L (16 x 64) and BERT (12 x 64)
+
+
+def _count(state: dict, prefix: str) -> int:
+    """Number of numbered blocks ``prefix<i>.`` in a state dict."""
+    return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+
+def _load_part(module: torch.nn.Module, state: dict, path, what: str) -> None:
+    """Load exactly ``state`` into ``module`` (strict); a mismatch is a MetricError naming the file."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        detail = lines[0][:300] if lines else str(error)[:300]
+        raise MetricError(f"{path}: not an {what} checkpoint ({detail})") from None
+
+
+def _blip_vision_key(name: str) -> str:
+    """A key of BLIP's timm-style ViT (ImageReward's ``blip.visual_encoder.``) as transformers' BlipVisionModel
+    names it (an unknown key is kept, and the strict load reports it)."""
+    if name.startswith("norm."):
+        return "post_layernorm." + name[len("norm."):]
+    for old, new in (("cls_token", "embeddings.class_embedding"), ("pos_embed", "embeddings.position_embedding"),
+                     ("patch_embed.proj.", "embeddings.patch_embedding.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    if name.startswith("blocks."):
+        index, rest = name[len("blocks."):].split(".", 1)
+        for old, new in (("norm1.", "layer_norm1."), ("norm2.", "layer_norm2."), ("attn.qkv.", "self_attn.qkv."),
+                         ("attn.proj.", "self_attn.projection."), ("mlp.", "mlp.")):
+            if rest.startswith(old):
+                return f"encoder.layers.{index}.{new}{rest[len(old):]}"
+    return name
+
+
+def _image_reward_configs(state: dict, v: str, t: str):
+    """BlipVisionConfig and BlipTextConfig of an ImageReward state dict, read off its tensors' shapes."""
+    from transformers import BlipTextConfig, BlipVisionConfig
+
+    width, _, patch, _ = state[v + "patch_embed.proj.weight"].shape
+    grid = int(round((state[v + "pos_embed"].shape[1] - 1) ** 0.5))
+    vision_config = BlipVisionConfig(
+        hidden_size=width, intermediate_size=state[v + "blocks.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=_count(state, v + "blocks."), num_attention_heads=max(width // HEAD_WIDTH, 1),
+        image_size=grid * patch, patch_size=patch, layer_norm_eps=1e-6, hidden_act="gelu", attention_dropout=0.0)
+    vocab, hidden = state[t + "embeddings.word_embeddings.weight"].shape
+    text_config = BlipTextConfig(
+        vocab_size=vocab, hidden_size=hidden, encoder_hidden_size=width,
+        intermediate_size=state[t + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        num_hidden_layers=_count(state, t + "encoder.layer."), num_attention_heads=max(hidden // HEAD_WIDTH, 1),
+        max_position_embeddings=state[t + "embeddings.position_embeddings.weight"].shape[0], layer_norm_eps=1e-12,
+        hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        bos_token_id=None, eos_token_id=None, sep_token_id=None,    # unused: the score only encodes
+        is_decoder=True)    # builds the cross-attention; the forward runs with is_decoder=False (bidirectional)
+    return vision_config, text_config
+
+
+def image_reward_parts(path: str | Path):
+    """ImageReward.pt's tensors as maintained modules: the BLIP ViT as transformers' BlipVisionModel, the
+    cross-attending BERT as BlipTextModel (BLIP's med.py, which transformers ported), the head as the LAION-style MLP
+    (five linear layers, no activations, as the reference). Sizes come from the tensors' shapes; heads are the width
+    / 64, as in both reference encoders."""
+    from transformers import BlipTextModel, BlipVisionModel
+
+    state = load_state_dict(path)
+    needed = ("blip.visual_encoder.patch_embed.proj.weight", "blip.visual_encoder.pos_embed",
+              "blip.text_encoder.embeddings.word_embeddings.weight", "mlp.layers.0.weight")
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise MetricError(f"{path}: not an ImageReward checkpoint (no {missing[0]}; keys: {sorted(state)[:4]} ...)")
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    try:
+        vision_config, text_config = _image_reward_configs(state, v, t)
+    except (KeyError, ValueError) as error:
+        raise MetricError(f"{path}: not an ImageReward checkpoint ({type(error).__name__}: {error})") from None
+    hidden = text_config.hidden_size
+    vision_state = {_blip_vision_key(k[len(v):]): val for k, val in state.items() if k.startswith(v)}
+    text_state = {k[len(t):]: val for k, val in state.items()
+                  if k.startswith(t) and not k.endswith("position_ids")}      # a buffer, not a weight
+    mlp_state = {k[len("mlp."):]: val for k, val in state.items() if k.startswith("mlp.")}
+
+    vision = BlipVisionModel(vision_config)
+    text = BlipTextModel(text_config, add_pooling_layer=False)
+    mlp = AestheticMLP(mlp_state["layers.0.weight"].shape[1])
+    parts = ((vision, vision_state, "ImageReward (BLIP ViT)"), (text, text_state, "ImageReward (BLIP text encoder)"),
+             (mlp, mlp_state, "ImageReward (head)"))
+    for module, part, what in parts:
+        _load_part(module, {k: x.float() for k, x in part.items()}, path, what)
+    if mlp_state["layers.0.weight"].shape[1] != hidden:
+        raise MetricError(f"{path}: the ImageReward head takes {mlp_state['layers.0.weight'].shape[1]}-d features but "
+                          f"the text encoder gives {hidden}-d")
+    return vision.eval(), text.eval(), mlp.eval()
+
+
+def bert_tokenizer(folder: Path, vocab: int, checkpoint):
+    """BLIP's tokenizer: bert-base-uncased plus its two added tokens ([DEC] as BOS, [ENC]), whose count must match
+    the checkpoint's embedding rows."""
+    from transformers import BertTokenizer
+
+    if not (folder / "vocab.txt").is_file():
+        raise MetricError(f"image_reward needs the bert-base-uncased tokenizer (vocab.txt): {folder} has none; name "
+                          "its folder with --image-reward-tokenizer DIR")
+    try:
+        tokenizer = BertTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise MetricError(f"{folder}: not a BERT tokenizer folder ({type(error).__name__}: {error})") from None
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_tokens(["[ENC]"], special_tokens=True)
+    if len(tokenizer) != vocab:
+        raise MetricError(f"{folder}: a tokenizer of {len(tokenizer)} tokens (with BLIP's [DEC], [ENC]), but "
+                          f"{checkpoint} embeds {vocab}: not the bert-base-uncased vocabulary of ImageReward")
+    return tokenizer
+
+
+class ImageReward(Metric):
+    """ImageReward v1.0 (Xu et al.): reward of the whole image for the prompt, normalised as the reference does."""
+    name, fields = "image_reward", ("image_reward",)
+
+    def __init__(self, files: MetricFiles):
+        if not files.image_reward:
+            raise MetricError("image_reward needs the ImageReward v1.0 checkpoint: --image-reward FILE "
+                              "(ImageReward.pt)")
+        key = ("image_reward", files.image_reward, files.image_reward_tokenizer)
+        if key not in _cache:
+            vision, text, mlp = image_reward_parts(files.image_reward)
+            folder = Path(files.image_reward_tokenizer or Path(files.image_reward).parent)
+            tokenizer = bert_tokenizer(folder, text.config.vocab_size, files.image_reward)
+            _cache[key] = (vision, text, mlp, tokenizer)
+        self.vision, self.text, self.mlp, self.tokenizer = _cache[key]
+
+    def pixels(self, image: np.ndarray) -> torch.Tensor:
+        """The reference's preprocessing: bicubic resize of the short side, centre crop, CLIP normalisation."""
+        from PIL import Image
+        from torchvision import transforms
+
+        size = self.vision.config.image_size
+        pipeline = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                                       transforms.CenterCrop(size), transforms.ToTensor(),
+                                       transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+        return pipeline(Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)))[None]
+
+    @torch.no_grad()
+    def compute(self, inp: MetricInput) -> dict:
+        tokens = self.tokenizer(inp.case.prompt, padding="max_length", truncation=True, max_length=IMAGE_REWARD_TOKENS,
+                                return_tensors="pt")
+        image = self.vision(pixel_values=self.pixels(inp.output)).last_hidden_state
+        out = self.text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                        encoder_hidden_states=image,
+                        encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long), is_decoder=False)
+        reward = self.mlp(out.last_hidden_state[:, 0].float())
+        return {self.name: float((reward[0, 0] - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD)}
+
+
+class HPSv2(Metric):
+    """Human Preference Score v2 / v2.1 (Wu et al.): cos(image, prompt) of the fine-tuned OpenCLIP model."""
+    name, fields = "hps_v2", ("hps_v2",)
+
+    def __init__(self, files: MetricFiles):
+        if not files.hps:
+            raise MetricError("hps_v2 needs the HPS v2 / v2.1 checkpoint: --hps FILE (HPS_v2.1_compressed.pt)")
+        try:
+            import open_clip
+        except ImportError:
+            raise MetricError("hps_v2 needs open_clip_torch (pip install open_clip_torch)") from None
+        arch = files.hps_architecture
+        if arch.endswith(".json"):                           # a model config of open_clip's format
+            if not Path(arch).is_file():
+                raise MetricError(f"{arch}: no such open_clip model config")
+            open_clip.add_model_config(arch)
+            arch = Path(arch).stem
+        key = ("hps", files.hps, arch)
+        if key not in _cache:
+            state = load_state_dict(files.hps)
+            try:
+                model = open_clip.create_model(arch, pretrained=None, device="cpu")    # random init, no download
+            except RuntimeError as error:
+                raise MetricError(f"--hps-architecture {arch}: {error}") from None
+            _load_part(model, {k: v.float() for k, v in state.items()}, files.hps, f"HPS v2 ({arch})")
+            _cache[key] = (model.eval(), open_clip.get_tokenizer(arch))
+        self.model, self.tokenizer = _cache[key]
+        size = self.model.visual.image_size
+        self.size = size if isinstance(size, int) else int(max(size))
+
+    def pixels(self, image: np.ndarray) -> torch.Tensor:
+        """HPS v2's evaluation transform: the longer side resized to the model's size (bicubic), padded with black to
+        a square (the padding split as the reference's ResizeMaxSize), CLIP normalisation."""
+        from torchvision.transforms import functional as F
+
+        x = torch.from_numpy(np.ascontiguousarray(image, np.float32)).permute(2, 0, 1)
+        h, w = x.shape[1:]
+        scale = self.size / max(h, w)
+        if scale != 1.0:
+            nh, nw = round(h * scale), round(w * scale)
+            x = F.resize(x, [nh, nw], interpolation=F.InterpolationMode.BICUBIC)
+            ph, pw = self.size - nh, self.size - nw
+            x = F.pad(x, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0)
+        return F.normalize(x, CLIP_MEAN, CLIP_STD)[None]
+
+    @torch.no_grad()
+    def compute(self, inp: MetricInput) -> dict:
+        image = self.model.encode_image(self.pixels(inp.output), normalize=True)
+        text = self.model.encode_text(self.tokenizer([inp.case.prompt]), normalize=True)
+        return {self.name: float((image * text).sum())}
+
+
 class ToyBlobs(Metric):
     """The toy world's scorer on the exact result cells (the variant's array output)."""
     name, fields = "toy", ("present", "dominant", "shape_ok", "mae", "changed", "blob_cells", "shape", "failure")
@@ -372,7 +617,9 @@ def plain(value):
 
 
 METRICS = ("clip_score", "clip_accuracy", "aesthetic", "clip_similarity", "psnr_unmasked", "mse_unmasked",
-           "ssim_unmasked", "lpips_unmasked", "clip_i", "dino", "toy")
+           "ssim_unmasked", "lpips_unmasked", "clip_i", "dino", "pickscore", "image_reward", "hps_v2", "toy")
+# The metrics computed "where the user has the files": a paper table adds them when their file is given.
+OPTIONAL_FILES = {"pickscore": "pickscore", "image_reward": "image_reward", "hps_v2": "hps"}
 
 
 def make_metrics(names, files: MetricFiles, class_names=None) -> list[Metric]:
@@ -385,5 +632,6 @@ def make_metrics(names, files: MetricFiles, class_names=None) -> list[Metric]:
                                                                                           local=False),
               "psnr_unmasked": PSNRUnmasked, "mse_unmasked": MSEUnmasked, "ssim_unmasked": SSIMUnmasked,
               "lpips_unmasked": lambda: LPIPSUnmasked(files), "clip_i": lambda: ClipSubject(files),
-              "dino": lambda: Dino(files), "toy": ToyBlobs}
+              "dino": lambda: Dino(files), "pickscore": lambda: PickScore(files),
+              "image_reward": lambda: ImageReward(files), "hps_v2": lambda: HPSv2(files), "toy": ToyBlobs}
     return [makers[n]() for n in dict.fromkeys(names)]

@@ -13,6 +13,8 @@ class Row:
     files: dict = field(default_factory=dict)    # override key -> CLI option naming the user's file
     values: dict = field(default_factory=dict)   # fixed override values
     baseline: str | None = None
+    bypass: tuple[str, ...] = ()          # node types bypassed in the workflow (as Ctrl+B in the UI: a bypassed
+                                          # node's consumers take its matching input instead)
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Table:
     metrics: tuple[str, ...]
     paper: dict = field(default_factory=dict)    # {row: {metric: published value}}
     notes: tuple[str, ...] = ()
+    optional_metrics: tuple[str, ...] = ()       # added by default when their files are given (--pickscore ...)
 
 
 # CLI option -> (ComfyUI models folder, help)
@@ -55,7 +58,8 @@ PROFI = Table(
            "RASG & PAIntA": {"clip_score": 26.32, "clip_accuracy": 0.6805, "aesthetic": 4.980}},
     notes=("Paper: DreamShaper 8 inpainting, 10,000 MSCOCO val2017 convex-hull instance masks, mean of 5 seeds.",
            "Accuracy here is CLIP's classification of the crop among the 80 COCO classes; the paper runs an "
-           "MMDetection COCO detector on the crop, so that column is comparable in trend, not in value."))
+           "MMDetection COCO detector on the crop, so that column is comparable in trend, not in value."),
+    optional_metrics=("pickscore",))
 
 PILOT = Table(
     "pilot", "PILOT: text, ControlNet and image-prompt guidance against plain inpainting",
@@ -81,15 +85,19 @@ BRANCHES = Table(
          baseline="base inpainting model")),
     "brushbench", ("aesthetic", "clip_similarity", "psnr_unmasked", "lpips_unmasked", "mse_unmasked"),
     notes=("BrushNet's code divides the squared error by the number of unmasked pixels (not pixels x channels) and "
-           "caps PSNR at 1000; ours is torchmetrics' per-channel mean, and an identical region gives PSNR inf.",))
+           "caps PSNR at 1000; ours is torchmetrics' per-channel mean, and an identical region gives PSNR inf.",),
+    optional_metrics=("image_reward", "hps_v2"))
 
+ADAPTER = {"ckpt": "ckpt", "ipadapter": "ipadapter", "clip_vision": "clip_vision"}
 LAR_GEN = Table(
-    "lar-gen", "LAR-Gen table 1/2: text only, image only, text + image with RefineNet",
+    "lar-gen", "LAR-Gen table 1/2: text only, image only, text + image without and with RefineNet",
     (Row("text only", "lar_gen_text_only.json", {"ckpt": "ckpt", "ipadapter": "ipadapter",
                                                  "clip_vision": "clip_vision"}),
      Row("image only (beta 1, no text)", "lar_gen_image_only.json",
          {"ckpt": "ckpt", "ipadapter": "ipadapter", "clip_vision": "clip_vision", "refinenet": "refinenet"},
          {"beta": 1.0}, baseline="text only"),
+     Row("text + image (beta 0.3)", "lar_gen.json", ADAPTER, {"beta": 0.3}, baseline="text only",
+         bypass=("RefineNetLoader", "RefineNetApply")),
      Row("text + image (beta 0.3) + RefineNet", "lar_gen.json",
          {"ckpt": "ckpt", "ipadapter": "ipadapter", "clip_vision": "clip_vision", "refinenet": "refinenet"},
          {"beta": 0.3}, baseline="text only")),
@@ -97,6 +105,8 @@ LAR_GEN = Table(
     paper={"image only (beta 1, no text)": {"clip_i": 83.39, "clip_t": 26.07},
            "text + image (beta 0.3) + RefineNet": {"clip_i": 79.15, "clip_t": 29.94}},
     notes=("Paper: 2,000 quadruples (20 COCO scenes x 10 DreamBooth subjects x 10 prompts), CLIP ViT on the "
-           "inpainted region; 'text + image without RefineNet' has no bundled workflow (add it with --workflow).",))
+           "inpainted region.",
+           "'text + image (beta 0.3)' is lar_gen.json with its RefineNet nodes bypassed (the adapter's model goes "
+           "straight to the sampler), as the paper's ablation without RefineNet."))
 
 TABLES = {t.name: t for t in (PROFI, PILOT, BRANCHES, LAR_GEN)}

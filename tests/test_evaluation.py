@@ -372,3 +372,240 @@ def test_a_bad_case_stops_the_run_with_nothing_of_it_written(tmp_path):
     records = engine.run(read_jsonl(data), [variant], metrics, tmp_path / "out", progress=False)["half"]
     assert calls == ["a", "b"] and [r["metrics"]["mse_unmasked"] for r in records] == [0.0, 0.0]
     assert [r["seed"] for r in records] == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------ preference metrics
+
+
+def test_pickscore_is_logit_scale_times_cos_with_the_models_own_projections(tiny_clip, tmp_path):
+    """PickScore = logit_scale.exp() * cos(image, prompt), here with the model in one folder and its processor in
+    another (as the reference loads PickScore_v1 with the LAION ViT-H processor)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)                                  # exp = 20.09, not the init's 14.29
+    model.save_pretrained(tmp_path / "pickscore")                     # weights + config only
+    (pick,) = make_metrics(["pickscore"], MetricFiles(pickscore=str(tmp_path / "pickscore"),
+                                                      pickscore_processor=str(tiny_clip)))
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    rng = np.random.default_rng(7)
+    output = rng.random((40, 56, 3)).astype(np.float32)
+    mask = np.zeros((40, 56), bool)
+    mask[5:10, 5:10] = True                                           # the whole image counts, not the crop
+    for prompt in ("a red apple", "two dogs on a sofa"):
+        with torch.no_grad():
+            pixels = processor(images=[(output * 255).round().astype(np.uint8)], return_tensors="pt")["pixel_values"]
+            tokens = processor(text=[prompt], return_tensors="pt", padding=True)
+            img = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)[0]
+            txt = model.text_projection(model.text_model(**tokens).pooler_output)[0]
+            want = math.exp(3.0) * float(img @ txt / (img.norm() * txt.norm()))
+        got = pick.compute(metric_input(output, output, mask, prompt))["pickscore"]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+    with pytest.raises(MetricError, match=r"pickscore: no CLIP processor"):
+        make_metrics(["pickscore"], MetricFiles(pickscore=str(tmp_path / "pickscore")))
+    with pytest.raises(MetricError, match=r"--pickscore DIR"):
+        make_metrics(["pickscore"], MetricFiles())
+
+
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "apple", "dog", "on", "the",
+              "sofa", "two", "##s", "cat", "car"]
+
+
+def tiny_image_reward(folder: Path, seed=0) -> dict:
+    """Random tensors under ImageReward.pt's key names (BLIP ViT 'blip.visual_encoder.*' with 2 heads of 64, BLIP's
+    BERT 'blip.text_encoder.*' with cross-attention, the head 'mlp.layers.*'), saved as the reference's plain
+    state dict with a bert-base-uncased-style vocab.txt beside it."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm(prefix, n):
+        return {prefix + ".weight": 1 + r(n, scale=0.1), prefix + ".bias": r(n)}
+
+    def linear(prefix, out, inp):
+        return {prefix + ".weight": r(out, inp), prefix + ".bias": r(out)}
+
+    W, P, depth, H, layers, vocab = 128, 8, 2, 128, 2, len(BERT_WORDS) + 2
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    s = {v + "cls_token": r(1, 1, W, scale=0.5), v + "pos_embed": r(1, 17, W, scale=0.5),
+         **linear(v + "patch_embed.proj", W, 3 * P * P), **norm(v + "norm", W)}
+    s[v + "patch_embed.proj.weight"] = s[v + "patch_embed.proj.weight"].reshape(W, 3, P, P)
+    for i in range(depth):
+        b = f"{v}blocks.{i}."
+        s.update({**norm(b + "norm1", W), **linear(b + "attn.qkv", 3 * W, W), **linear(b + "attn.proj", W, W),
+                  **norm(b + "norm2", W), **linear(b + "mlp.fc1", 4 * W, W), **linear(b + "mlp.fc2", W, 4 * W)})
+    s.update({t + "embeddings.word_embeddings.weight": r(vocab, H, scale=0.5),
+              t + "embeddings.position_embeddings.weight": r(40, H, scale=0.5),
+              t + "embeddings.position_ids": torch.arange(40)[None], **norm(t + "embeddings.LayerNorm", H)})
+    for i in range(layers):
+        b = f"{t}encoder.layer.{i}."
+        for part, kv in (("attention", H), ("crossattention", W)):
+            s.update({**linear(b + part + ".self.query", H, H), **linear(b + part + ".self.key", H, kv),
+                      **linear(b + part + ".self.value", H, kv), **linear(b + part + ".output.dense", H, H),
+                      **norm(b + part + ".output.LayerNorm", H)})
+        s.update({**linear(b + "intermediate.dense", 256, H), **linear(b + "output.dense", H, 256),
+                  **norm(b + "output.LayerNorm", H)})
+    s.update({**linear("blip.vision_proj", 256, W), **linear("blip.text_proj", 256, H)})    # unused by the score
+    for i, (out, inp) in zip((0, 2, 4, 6, 7), ((1024, H), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        s.update({f"mlp.layers.{i}.weight": r(out, inp, scale=0.2), f"mlp.layers.{i}.bias": r(out)})
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(s, folder / "ImageReward.pt")
+    (folder / "vocab.txt").write_text("\n".join(BERT_WORDS) + "\n")
+    return s
+
+
+def image_reward_by_hand(s: dict, pixels: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> float:
+    """The reference's forward written out on its own tensors: pre-norm ViT (LayerNorm eps 1e-6) -> all tokens;
+    post-norm BERT (eps 1e-12) whose every layer self-attends (padding masked) and then attends to the image
+    tokens; the [CLS] feature through the linear head; (reward - 0.16717362830052426) / 1.0333394966054072."""
+    import torch.nn.functional as F
+
+    def ln(x, p, eps):
+        return F.layer_norm(x, x.shape[-1:], s[p + ".weight"], s[p + ".bias"], eps)
+
+    def lin(x, p):
+        return x @ s[p + ".weight"].T + s[p + ".bias"]
+
+    def attend(q, k, val, bias=0.0):
+        split = [x.reshape(x.shape[0], x.shape[1], -1, 64).transpose(1, 2) for x in (q, k, val)]
+        weights = torch.softmax(split[0] @ split[1].transpose(-1, -2) / 8.0 + bias, dim=-1)
+        out = weights @ split[2]
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    x = F.conv2d(pixels, s[v + "patch_embed.proj.weight"], s[v + "patch_embed.proj.bias"], stride=8)
+    x = torch.cat([s[v + "cls_token"], x.flatten(2).transpose(1, 2)], dim=1) + s[v + "pos_embed"]
+    for i in range(2):
+        b = f"{v}blocks.{i}."
+        q, k, val = lin(ln(x, b + "norm1", 1e-6), b + "attn.qkv").chunk(3, dim=-1)
+        x = x + lin(attend(q, k, val), b + "attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, b + "norm2", 1e-6), b + "mlp.fc1")), b + "mlp.fc2")
+    image = ln(x, v + "norm", 1e-6)
+    y = s[t + "embeddings.word_embeddings.weight"][ids] + s[t + "embeddings.position_embeddings.weight"][:ids.shape[1]]
+    y = ln(y, t + "embeddings.LayerNorm", 1e-12)
+    pad = torch.where(keep[:, None, None, :].bool(), 0.0, -1e9)
+    for i in range(2):
+        b = f"{t}encoder.layer.{i}."
+        for part, source, bias in (("attention", y, pad), ("crossattention", image, 0.0)):
+            p = b + part
+            a = attend(lin(y, p + ".self.query"), lin(source, p + ".self.key"), lin(source, p + ".self.value"), bias)
+            y = ln(lin(a, p + ".output.dense") + y, p + ".output.LayerNorm", 1e-12)
+        y = ln(lin(F.gelu(lin(y, b + "intermediate.dense")), b + "output.dense") + y, b + "output.LayerNorm", 1e-12)
+    reward = y[:, 0]
+    for i in (0, 2, 4, 6, 7):
+        reward = lin(reward, f"mlp.layers.{i}")
+    return float((reward[0, 0] - 0.16717362830052426) / 1.0333394966054072)
+
+
+def test_image_reward_equals_the_reference_forward_on_its_checkpoint_layout(tmp_path):
+    from torchvision import transforms
+    from transformers import BertTokenizer
+
+    state = tiny_image_reward(tmp_path / "ir")
+    (ir,) = make_metrics(["image_reward"], MetricFiles(image_reward=str(tmp_path / "ir" / "ImageReward.pt")))
+    tokenizer = BertTokenizer(str(tmp_path / "ir" / "vocab.txt"))
+    rng = np.random.default_rng(8)
+    output = rng.random((48, 64, 3)).astype(np.float32)
+    mask = np.zeros((48, 64), bool)
+    mask[1:3, 1:3] = True
+    preprocess = transforms.Compose([transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
+                                     transforms.CenterCrop(32), transforms.ToTensor(),
+                                     transforms.Normalize((0.48145466, 0.4578275, 0.40821073),
+                                                          (0.26862954, 0.26130258, 0.27577711))])
+    pixels = preprocess(Image.fromarray((output * 255).round().astype(np.uint8)))[None]
+    values = []
+    for prompt in ("a photo of a red apple", "two dogs on the sofa " * 10):    # the second is cut at 35 tokens
+        tokens = tokenizer(prompt, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        with torch.no_grad():
+            want = image_reward_by_hand(state, pixels, tokens["input_ids"], tokens["attention_mask"])
+        got = ir.compute(metric_input(output, output, mask, prompt))["image_reward"]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+        values.append(got)
+    assert values[0] != pytest.approx(values[1])
+
+
+def test_image_reward_files_of_the_wrong_kind_are_named(tmp_path, tiny_clip):
+    from safetensors.torch import save_file
+
+    state = tiny_image_reward(tmp_path / "ir")
+    lpips = tmp_path / "lpips.safetensors"
+    save_file({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, str(lpips))
+    with pytest.raises(MetricError, match=r"lpips\.safetensors: not an ImageReward checkpoint"):
+        make_metrics(["image_reward"], MetricFiles(image_reward=str(lpips)))
+    del state["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
+    torch.save(state, tmp_path / "ir" / "cut.pt")
+    with pytest.raises(MetricError, match=r"cut\.pt: not an ImageReward \(BLIP text encoder\) checkpoint \(Missing"):
+        make_metrics(["image_reward"], MetricFiles(image_reward=str(tmp_path / "ir" / "cut.pt")))
+    with pytest.raises(MetricError, match=r"--image-reward-tokenizer"):
+        make_metrics(["image_reward"], MetricFiles(image_reward=str(tmp_path / "ir" / "ImageReward.pt"),
+                                                   image_reward_tokenizer=str(tmp_path)))
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "vocab.txt").write_text("\n".join(BERT_WORDS[:-3]) + "\n")
+    with pytest.raises(MetricError, match=r"small: a tokenizer of 17 tokens .* embeds 20"):
+        make_metrics(["image_reward"], MetricFiles(image_reward=str(tmp_path / "ir" / "ImageReward.pt"),
+                                                   image_reward_tokenizer=str(tmp_path / "small")))
+
+
+TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
+                                                  "patch_size": 8},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def test_hps_v2_is_the_cosine_of_the_open_clip_features(tmp_path):
+    """An HPS checkpoint ({'state_dict': ...} of an OpenCLIP model, here a tiny config) scores cos(image, prompt)
+    as the reference computes it (image_features @ text_features.T of the model's forward); the image is resized
+    on its long side and padded with black to a square."""
+    import open_clip
+    import torch.nn.functional as F
+
+    config = tmp_path / "tiny-hps-arch.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(9)
+    model = open_clip.create_model("tiny-hps-arch", pretrained=None).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(4.0)                                  # not part of the score
+    torch.save({"state_dict": model.state_dict(), "epoch": 1}, tmp_path / "HPS_v2.1_compressed.pt")
+    files = MetricFiles(hps=str(tmp_path / "HPS_v2.1_compressed.pt"), hps_architecture=str(config))
+    (hps,) = make_metrics(["hps_v2"], files)
+    tokenizer = open_clip.get_tokenizer("tiny-hps-arch")
+    rng = np.random.default_rng(10)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    for h, w, prompt in ((48, 48, "a red apple"), (48, 24, "a dog on a sofa"), (20, 50, "a car")):
+        output = rng.random((h, w, 3)).astype(np.float32)
+        x = torch.from_numpy(output).permute(2, 0, 1)[None]
+        nh, nw = round(h * 32 / max(h, w)), round(w * 32 / max(h, w))
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        x = F.pad(x, ((32 - nw) // 2, 32 - nw - (32 - nw) // 2, (32 - nh) // 2, 32 - nh - (32 - nh) // 2))
+        with torch.no_grad():
+            image_features, text_features, _ = model((x - mean) / std, tokenizer([prompt]))
+            want = float((image_features @ text_features.T)[0, 0])
+        got = hps.compute(metric_input(output, output, np.ones((h, w), bool), prompt))["hps_v2"]
+        assert got == pytest.approx(want, abs=1e-5) and -1 <= got <= 1
+    from safetensors.torch import save_file
+
+    save_file(AestheticMLP().state_dict(), str(tmp_path / "aesthetic.safetensors"))
+    with pytest.raises(MetricError, match=r"aesthetic\.safetensors: not an HPS v2 \(tiny-hps-arch\) checkpoint"):
+        make_metrics(["hps_v2"], MetricFiles(hps=str(tmp_path / "aesthetic.safetensors"),
+                                             hps_architecture=str(config)))
+    with pytest.raises(MetricError, match=r"--hps FILE"):
+        make_metrics(["hps_v2"], MetricFiles())
+
+
+def test_paper_tables_add_their_preference_metrics_where_the_files_are_given():
+    from faithful_inpaint.evaluation.__main__ import parse_args, table_metrics
+    from faithful_inpaint.evaluation.tables import TABLES
+
+    profi, branches = TABLES["profi-painter"], TABLES["branches"]
+    assert table_metrics(profi, MetricFiles()) == ["clip_score", "clip_accuracy", "aesthetic"]
+    assert table_metrics(profi, MetricFiles(pickscore="PickScore_v1"))[-1] == "pickscore"
+    assert table_metrics(branches, MetricFiles(hps="HPS_v2.1_compressed.pt"))[-1] == "hps_v2"
+    assert table_metrics(branches, MetricFiles(image_reward="ImageReward.pt", hps="h.pt"))[-2:] == ["image_reward",
+                                                                                                   "hps_v2"]
+    args = parse_args(["branches", "--dataset", "brushbench:m.json", "--out", "o", "--image-reward", "ImageReward.pt",
+                       "--image-reward-tokenizer", "bert-base-uncased", "--hps", "h.pt"])
+    assert (args.metrics, args.image_reward, args.image_reward_tokenizer, args.hps, args.hps_architecture) == \
+        (None, "ImageReward.pt", "bert-base-uncased", "h.pt", "ViT-H-14")

@@ -175,3 +175,58 @@ def test_cli_compares_two_workflows_and_writes_the_report(tmp_path, capsys):
     assert main(args[:-6] + ["--set", "cfg_scale=3", "--out", str(tmp_path / "bad"), "--no-progress"]) == 1
     assert "declares no 'cfg_scale' target" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "cases").exists()
+
+
+def test_lar_gen_row_without_refinenet_bypasses_it_in_lar_gen_json_and_runs(tmp_path):
+    """LAR-Gen's 'text + image (beta 0.3)' row is lar_gen.json with its RefineNet nodes bypassed: the converted graph
+    is the full one without RefineNetLoader / RefineNetApply and with the sampler fed by the image-prompt adapter's
+    model; it runs over a quadruple case (random full-size smoke models, one step, 64 px crop)."""
+    from PIL import Image
+
+    from faithful_inpaint.devtools import smoke_checkpoints
+    from faithful_inpaint.evaluation import generate, tables
+    from faithful_inpaint.evaluation.__main__ import WORKFLOWS
+    from faithful_inpaint.evaluation.datasets import read_quadruples
+    from faithful_inpaint.evaluation.metrics import MetricFiles, make_metrics
+    from faithful_inpaint.headless.ui_to_api import WorkflowError, convert
+
+    row = next(r for r in tables.LAR_GEN.rows if r.name == "text + image (beta 0.3)")
+    full_row = next(r for r in tables.LAR_GEN.rows if r.name == "text + image (beta 0.3) + RefineNet")
+    assert row.workflow == full_row.workflow == "lar_gen.json" and "refinenet" not in row.files
+    workflow = generate.load_workflow(WORKFLOWS / row.workflow)
+    full = convert(workflow)
+    bypassed = convert(generate.bypass_nodes(workflow, row.bypass, row.workflow))
+    refine = {k for k, v in full.items() if v["class_type"] in ("RefineNetLoader", "RefineNetApply")}
+    apply_id = next(k for k, v in full.items() if v["class_type"] == "ImagePromptApply")
+    sampler = next(k for k, v in full.items() if v["class_type"] == "KSampler")
+    assert len(refine) == 2 and full[sampler]["inputs"]["model"][0] in refine
+    expected = {k: v for k, v in full.items() if k not in refine}
+    expected[sampler] = dict(expected[sampler], inputs=dict(expected[sampler]["inputs"], model=[apply_id, 0]))
+    assert bypassed == expected
+    with pytest.raises(WorkflowError, match="no RefineNetApply node to bypass"):
+        generate.bypass_nodes(generate.load_workflow(WORKFLOWS / "lar_gen_text_only.json"), ["RefineNetApply"], "x")
+
+    models = smoke_checkpoints.default_models_dir()
+    kinds = {"ckpt": "sd15_inpaint", "clip_vision": "clip_vision_h", "ipadapter": "ipadapter_sd15_plus"}
+    names = smoke_checkpoints.ensure_smoke_models(models, kinds.values())
+    case = tmp_path / "quads" / "c0"
+    case.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(case / "image.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(case / "subject.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(case / "mask.png")
+    (case / "prompt.txt").write_text("a plush toy on a table")
+    try:
+        values = {key: generate.run_folder().stage_model(str(models / smoke_checkpoints.folder_for(kind) / names[kind]),
+                                                         smoke_checkpoints.folder_for(kind))
+                  for key, kind in kinds.items()}
+        variant = generate.workflow_variant(row.name, WORKFLOWS / row.workflow,
+                                            {**values, **row.values, "steps": 1, "crop_size": 64}, bypass=row.bypass)
+        assert not [v for v in variant.settings["prompt"].values() if "RefineNet" in v["class_type"]]
+        (record,) = engine.run(read_quadruples(tmp_path / "quads"), [variant], make_metrics(["mse_unmasked"],
+                               MetricFiles()), tmp_path / "out", progress=False)[row.name]
+    finally:
+        generate.close_session()
+    assert record["case"] == "c0" and record["metrics"]["mse_unmasked"] == 0.0    # only the masked pixels change
