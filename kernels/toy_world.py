@@ -420,6 +420,7 @@ def make_neglect_cases(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> list[
 
 
 WORLDS = {"objects": make_cases, "neglect": make_neglect_cases}   # the evaluation cases of each world, by name
+CASE_MAKERS = {"objects": make_case, "neglect": make_neglect_case}  # one case of each world: (seed, kind) -> case
 
 
 # ----------------------------------------------------------------------------------------------------------------

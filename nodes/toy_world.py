@@ -142,6 +142,11 @@ class ToyWorldScene(io.ComfyNode):
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.Combo.Input("kind", options=list(tw.CASE_KINDS), default=tw.CASE_KINDS[0]),
+                io.Combo.Input("world", options=list(tw.CASE_MAKERS), default="objects", optional=True,
+                               tooltip="objects: the first world's cases (plain backgrounds, the toy_world*.safetensors "
+                                       "models); neglect: the prompt-neglect world's (striped, checked and gradient "
+                                       "backgrounds, a prompt for an object absent from the scene, nearby masks "
+                                       "covering part of the neighbour; the toy_world_sd*.safetensors models)."),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Mask.Output(display_name="mask"),
                      io.String.Output(display_name="prompt"), io.String.Output(display_name="caption"),
@@ -150,9 +155,10 @@ class ToyWorldScene(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, seed: int, kind: str) -> io.NodeOutput:
+    def execute(cls, seed: int, kind: str, world: str = "objects") -> io.NodeOutput:
         check_choice("ToyWorldScene", "kind", kind, tw.CASE_KINDS)
-        case = tw.make_case(seed, kind)
+        check_choice("ToyWorldScene", "world", world, tw.CASE_MAKERS)
+        case = tw.CASE_MAKERS[world](seed, kind)
         image = torch.from_numpy(np.ascontiguousarray(case.scene.image()))[None]
         mask = torch.from_numpy(case.mask_image())[None]
         subject = torch.from_numpy(case.subject())[None]
