@@ -177,17 +177,33 @@ CLOSE_BUTTON_JS = """() => {
 
 def close_dialogs(page) -> None:
     """Close every open dialog (Escape, else the button in its top-right corner)."""
-    for _ in range(4):
-        if page.locator(".p-dialog").count() == 0:
+    for _ in range(6):
+        count = page.locator(".p-dialog").count()
+        if count == 0:
             return
         page.keyboard.press("Escape")
-        page.wait_for_timeout(300)
+        # A dialog closing on Escape stays in the page for its leave transition; a click on it then (a slow CPU)
+        # starts the header's drag on a dialog already gone, an error in the console (seen with frontend 1.32.9).
+        if _fewer_dialogs(page, count):
+            continue
         point = page.evaluate(CLOSE_BUTTON_JS)
         if point:
             page.mouse.click(*point)
-            page.wait_for_timeout(400)
+            _fewer_dialogs(page, count)
     if page.locator(".p-dialog").count():
         raise RuntimeError(f"a dialog stays open: {dialog_texts(page)[0][:300]}")
+
+
+def _fewer_dialogs(page, count: int, timeout: float = 1500) -> bool:
+    """Whether fewer than ``count`` dialogs are in the page within ``timeout`` ms."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("n => document.querySelectorAll('.p-dialog').length < n", arg=count,
+                               timeout=timeout, polling=50)
+        return True
+    except PlaywrightTimeout:
+        return False
 
 
 # The graph as the frontend holds it after loading: live sizes (the frontend enlarges nodes), groups, the view.
