@@ -5,6 +5,12 @@
                                                  # takes a thumbnail of each workflow as it opens (<name>.jpg),
                                                  # then the README's screenshots (--screenshots: only those)
 
+Measure with each tested host's frontend, the newest first and the pinned host last (its frontend takes the
+thumbnails): COMFYUI_PATH=<0.12.1> <its venv>/bin/python example_workflows/build.py --measure, then the same without
+COMFYUI_PATH. A workflow opens at the sizes already measured and a frontend only ever enlarges a node, so each run
+keeps what the other needed (frontend 1.37 of ComfyUI 0.12.1 wants up to 30 px more width than 1.32 of 0.3.75 for
+long titles and combo values).
+
 The JSON files are the product; this script keeps their variants (the paper's ablation rows) consistent and lays
 them out: one group per stage (inputs, the mechanism, sampling, decode and paste), left to right, nodes stacked in
 columns at the sizes the frontend gives them (node_sizes.json, measured in the browser: the frontend enlarges a node

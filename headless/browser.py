@@ -128,11 +128,30 @@ def ui_page(url: str, width: int = 1600, height: int = 900):
 def load_workflow(page, workflow: dict, name: str) -> None:
     """Open a workflow as the template browser does (``app.loadGraphData``, the saved view restored)."""
     page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }", [workflow, name])
+    _wait_for_example_images(page)
+
+
+def _wait_for_example_images(page) -> None:
     # the image loaders show their image once it has loaded (from the server's input folder)
     page.wait_for_function("""() => window.app.graph.nodes
         .filter(n => n.type === 'LoadImage' || n.type === 'LoadImageMask').every(n => n.imgs?.[0]?.complete)""",
                            timeout=15_000, polling=100)
     page.wait_for_timeout(300)
+
+
+def frontend_version(page) -> str:
+    """The version of the frontend the page runs (comfyui-frontend-package)."""
+    return page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+
+
+def host_pins() -> dict[str, str]:
+    """The exact versions the host's requirements.txt pins (``name==version`` lines), e.g. its frontend: 1.32.9 for
+    ComfyUI 0.3.75, 1.37.11 for 0.12.1. Each host is tested with its own frontend (scripts/test_newest_comfyui.sh
+    installs them)."""
+    path = host.comfyui_path() / "requirements.txt"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    pins = (line.split("#")[0].strip().split("==") for line in lines)
+    return {p[0].strip().lower().replace("_", "-"): p[1].strip() for p in pins if len(p) == 2}
 
 
 # A new user's first visit opens the template browser; the tests and thumbnails start from the canvas.
@@ -158,17 +177,33 @@ CLOSE_BUTTON_JS = """() => {
 
 def close_dialogs(page) -> None:
     """Close every open dialog (Escape, else the button in its top-right corner)."""
-    for _ in range(4):
-        if page.locator(".p-dialog").count() == 0:
+    for _ in range(6):
+        count = page.locator(".p-dialog").count()
+        if count == 0:
             return
         page.keyboard.press("Escape")
-        page.wait_for_timeout(300)
+        # A dialog closing on Escape stays in the page for its leave transition; a click on it then (a slow CPU)
+        # starts the header's drag on a dialog already gone, an error in the console (seen with frontend 1.32.9).
+        if _fewer_dialogs(page, count):
+            continue
         point = page.evaluate(CLOSE_BUTTON_JS)
         if point:
             page.mouse.click(*point)
-            page.wait_for_timeout(400)
+            _fewer_dialogs(page, count)
     if page.locator(".p-dialog").count():
         raise RuntimeError(f"a dialog stays open: {dialog_texts(page)[0][:300]}")
+
+
+def _fewer_dialogs(page, count: int, timeout: float = 1500) -> bool:
+    """Whether fewer than ``count`` dialogs are in the page within ``timeout`` ms."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("n => document.querySelectorAll('.p-dialog').length < n", arg=count,
+                               timeout=timeout, polling=50)
+        return True
+    except PlaywrightTimeout:
+        return False
 
 
 # The graph as the frontend holds it after loading: live sizes (the frontend enlarges nodes), groups, the view.
@@ -198,6 +233,21 @@ def open_template_browser(page, category: str = PACK_FOLDER) -> None:
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.get_by_text(category, exact=True).first.click()
     page.wait_for_timeout(1500)
+
+
+def open_template(page, stem: str, category: str = PACK_FOLDER) -> None:
+    """Open a bundled workflow as a user does: the template browser on the pack's category, a click on its card.
+    Returns once it is the active workflow and its example images show (dialogs it opens, e.g. missing models, stay
+    open)."""
+    open_template_browser(page, category)
+    # The card's test id is the same in frontend 1.32.9 (ComfyUI 0.3.75) and 1.37.11 (0.12.1), and so is the
+    # workflow store that holds the active workflow: a new one, named after the template, once the card has opened.
+    page.evaluate("() => { window.__faithfulPrevious = window.app.extensionManager.workflow.activeWorkflow; }")
+    page.locator(f'[data-testid="template-workflow-{stem}"]').click()
+    page.wait_for_function("""stem => { const w = window.app.extensionManager.workflow.activeWorkflow;
+        return w && w !== window.__faithfulPrevious && w.filename.startsWith(stem); }""",
+                           arg=stem, timeout=15_000, polling=100)
+    _wait_for_example_images(page)
 
 
 # Errors the offline test machine causes, not the pack: the UI asks api.comfy.org and huggingface.co for news, node

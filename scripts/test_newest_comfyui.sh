@@ -10,7 +10,9 @@
 #   COMFYUI_COMMIT   the commit to extract (default: upstream's "ComfyUI v0.12.1")
 #   COMFYUI_DEST     where to extract it (default: <repo>/.comfyui-newest)
 #   FAITHFUL_VENV    the environment (default: <repo>/.venv-newest): the pinned torch and test requirements of
-#                    requirements/ plus the packages the host needs beyond them (comfy-kitchen, comfy-aimdo)
+#                    requirements/, then the host's own pins where they differ from the pinned host's (its web
+#                    frontend, workflow templates and embedded docs: the browser test drives that frontend) and the
+#                    packages it needs beyond them (comfy-kitchen, comfy-aimdo)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${FAITHFUL_VENV:-$root/.venv-newest}
@@ -39,16 +41,23 @@ if [ -z "${COMFYUI_PATH:-}" ]; then
 fi
 [ -f "$COMFYUI_PATH/comfy/model_patcher.py" ] || { echo "COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI checkout" >&2; exit 1; }
 
+# The host's own requirements that the suite needs beyond (or instead of) the pinned set: its web frontend, workflow
+# templates and embedded docs, pinned to exact versions that change with each release (requirements/host.txt pins
+# the pinned host's: 0.12.1 pins frontend 1.37.11 and templates 0.8.31, where 0.3.75 pins 1.32.9 and 0.7.25; the
+# browser test checks the UI is the host's own), and comfy-kitchen / comfy-aimdo (new since 0.4). torchaudio is not
+# needed.
+mapfile -t host_reqs < <(grep -E '^(comfyui-frontend-package|comfyui-workflow-templates|comfyui-embedded-docs|comfy-kitchen|comfy-aimdo)\b' \
+                         "$COMFYUI_PATH/requirements.txt" | tr -d '\r' || true)
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 if ! "$venv/bin/python" -c 'import comfy_kitchen, comfy_aimdo' 2>/dev/null; then
   echo "test_newest_comfyui: building $venv" >&2
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-  pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   "${pip[@]}" -r "$root/requirements/torch.txt"
   "${pip[@]}" -r "$root/requirements/test.txt" -c "$root/requirements/torch.txt"
-  # The host's own requirements beyond the pinned set (its frontend, templates and torchaudio are not needed).
-  mapfile -t extra < <(grep -E '^(comfy-kitchen|comfy-aimdo)' "$COMFYUI_PATH/requirements.txt" || true)
-  [ ${#extra[@]} -eq 0 ] || "${pip[@]}" "${extra[@]}" -c "$root/requirements/torch.txt"
 fi
+# Every run, not only when building: an environment built before this step (or for another host) may hold another
+# frontend. pip leaves satisfied pins alone without asking the index.
+[ ${#host_reqs[@]} -eq 0 ] || "${pip[@]}" "${host_reqs[@]}" -c "$root/requirements/torch.txt"
 
 cd "$root"
 echo "test_newest_comfyui: ComfyUI $(cd "$COMFYUI_PATH" && "$venv/bin/python" -c 'import comfyui_version; print(comfyui_version.__version__)' 2>/dev/null || echo '(version unknown)') at $COMFYUI_PATH" >&2
