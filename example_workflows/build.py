@@ -4,6 +4,8 @@
     python example_workflows/build.py --measure  # first asks the real UI for its node sizes (node_sizes.json) and
                                                  # takes a thumbnail of each workflow as it opens (<name>.jpg),
                                                  # then the README's screenshots (--screenshots: only those)
+    python example_workflows/build.py --measure --only toy_world_demo   # the same for the named workflows only
+                                                 # (the other sizes and thumbnails are kept)
 
 Measure with each tested host's frontend, the newest first and the pinned host last (its frontend takes the
 thumbnails): COMFYUI_PATH=<0.12.1> <its venv>/bin/python example_workflows/build.py --measure, then the same without
@@ -493,10 +495,10 @@ def build_all(out: Path = HERE):
         module.build()
 
 
-def measure_and_photograph():
-    """Open every workflow in the real UI: record the size the frontend gives each node (after the example images
-    load: image loaders grow to show them) in node_sizes.json, rebuild, then save a thumbnail of each workflow as it
-    opens (<name>.jpg, what the template browser shows)."""
+def measure_and_photograph(only=None):
+    """Open every workflow (``only``: those of these stems) in the real UI: record the size the frontend gives each
+    node (after the example images load: image loaders grow to show them) in node_sizes.json, rebuild, then save a
+    thumbnail of each workflow as it opens (<name>.jpg, what the template browser shows)."""
     sys.path.insert(0, str(HERE.parent))
     from io import BytesIO
 
@@ -508,8 +510,9 @@ def measure_and_photograph():
     with ComfyServer() as server:
         server.set_settings({**QUIET_SETTINGS, "Comfy.Workflow.ShowMissingModelsWarning": False})
         with ui_page(server.url) as page:
-            sizes = {}
-            for path in sorted(HERE.glob("*.json")):
+            paths = [p for p in sorted(HERE.glob("*.json")) if only is None or p.stem in only]
+            sizes = {} if only is None else _measured_sizes()      # a partial run keeps the other sizes
+            for path in paths:
                 workflow = json.loads(path.read_text())
                 keys = {n["id"]: f'{n["type"]}|{n.get("title", "")}' for n in workflow["nodes"]}
                 load_workflow(page, workflow, path.name)
@@ -522,7 +525,7 @@ def measure_and_photograph():
             SIZES_FILE.parent.mkdir(exist_ok=True)
             SIZES_FILE.write_text(json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
             build_all()
-            for path in sorted(HERE.glob("*.json")):
+            for path in paths:
                 load_workflow(page, json.loads(path.read_text()), path.name)
                 page.wait_for_timeout(1500)
                 close_dialogs(page)
@@ -578,11 +581,13 @@ def screenshots_only():
 
 
 def main():
-    if "--measure" in sys.argv[1:]:
+    args = sys.argv[1:]
+    only = set(args[args.index("--only") + 1].split(",")) if "--only" in args else None
+    if "--measure" in args:
         build_all()
-        measure_and_photograph()
+        measure_and_photograph(only)
     build_all()
-    if "--measure" in sys.argv[1:] or "--screenshots" in sys.argv[1:]:
+    if ("--measure" in args and only is None) or "--screenshots" in args:
         screenshots_only()
 
 

@@ -154,7 +154,8 @@ def test_a_card_of_the_template_browser_opens_its_workflow(ui):
 
 def test_toy_demo_runs_from_the_run_button(ui):
     """The toy demo as a user runs it: open from the template browser, set the schedule to 2 steps in its widget (20
-    take minutes on a shared CI CPU), press Run, see both images (the result; scene | mask | result)."""
+    take minutes on a shared CI CPU; one schedule feeds both samplers), press Run, see both images (the result with
+    PAIntA; scene | mask | without PAIntA | with PAIntA)."""
     server, page = ui
     browser.close_dialogs(page)
     browser.open_template(page, "toy_world_demo")
@@ -172,5 +173,5 @@ def test_toy_demo_runs_from_the_run_button(ui):
             const q = new URLSearchParams({filename: im.filename, subfolder: im.subfolder, type: im.type});
             const bitmap = await createImageBitmap(await (await fetch('/api/view?' + q)).blob());
             return [bitmap.width, bitmap.height]; }))""")
-    assert sorted(sizes) == [[256, 256], [256 * 3 + 16, 256]]
+    assert sorted(sizes) == [[256, 256], [256 * 4 + 3 * 8, 256]]
     assert browser.pack_errors(page.console_errors) == []
