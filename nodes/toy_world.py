@@ -28,9 +28,10 @@ from faithful_inpaint.patching.toy_world import load_clip_vision, load_toy_world
 
 FOLDER = "toy_world"
 PACK_TOY_DIR = Path(__file__).resolve().parent.parent / "toy"
-DEFAULT_FILES = ("toy_world.safetensors", "toy_world_inpaint.safetensors")
+DEFAULT_FILES = ("toy_world.safetensors", "toy_world_inpaint.safetensors", "toy_world_sd.safetensors",
+                 "toy_world_sd_inpaint.safetensors")
 CLIP_VISION_FILE = "toy_clip_vision.safetensors"
-TRAIN_HINT = ("train it with `python -m faithful_inpaint.training.toy_world --variant {variant} --output-dir "
+TRAIN_HINT = ("train it with `python -m faithful_inpaint.training.toy_world --variant {variant}{recipe} --output-dir "
               "runs/{stem}` and copy runs/{stem}/{stem}.safetensors into the pack's toy/ folder (see the README, toy "
               "world section)")
 
@@ -94,7 +95,8 @@ class ToyWorldLoader(io.ComfyNode):
     @classmethod
     def execute(cls, checkpoint: str) -> io.NodeOutput:
         stem = Path(checkpoint).stem
-        hint = TRAIN_HINT.format(variant="inpaint" if stem.endswith("_inpaint") else "plain", stem=stem)
+        hint = TRAIN_HINT.format(variant="inpaint" if stem.endswith("_inpaint") else "plain", stem=stem,
+                                 recipe=" --recipe sd-inpaint" if stem.startswith("toy_world_sd") else "")
         path = toy_file_path("ToyWorldLoader", "checkpoint", checkpoint, hint)
         try:
             model, clip, vae, _ = load_toy_world(path)

@@ -53,10 +53,10 @@ if ! "$venv/bin/python" -c 'import comfy_kitchen, comfy_aimdo' 2>/dev/null; then
   echo "test_newest_comfyui: building $venv" >&2
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
   "${pip[@]}" -r "$root/requirements/torch.txt"
-  "${pip[@]}" -r "$root/requirements/test.txt" -c "$root/requirements/torch.txt"
 fi
-# Every run, not only when building: an environment built before this step (or for another host) may hold another
-# frontend. pip leaves satisfied pins alone without asking the index.
+# Every run, not only when building: an environment built earlier (or for another host) may lack a test pin added
+# since (open_clip for the HPS metric) or hold another frontend. pip leaves satisfied pins alone.
+"${pip[@]}" -r "$root/requirements/test.txt" -c "$root/requirements/torch.txt"
 [ ${#host_reqs[@]} -eq 0 ] || "${pip[@]}" "${host_reqs[@]}" -c "$root/requirements/torch.txt"
 
 cd "$root"
