@@ -232,14 +232,20 @@ def sample_custom(g, model_src, pos_src, neg_src, sampler, latent_src, steps, ti
     unless given); returns (SamplerCustom, scheduler)."""
     sched = g.node("BasicScheduler", ["ddim_uniform", steps, 1.0], title, inputs=[("model", "MODEL")],
                    outputs=[("SIGMAS", "SIGMAS")], col=3, row=3)
-    sc = g.node("SamplerCustom", [True, seed, "fixed", cfg], f"Sample (CFG {cfg:g})",
+    g.link(*model_src, sched, "model")
+    sc = sampler_custom(g, model_src, pos_src, neg_src, sampler, sched, latent_src, seed, cfg)
+    return sc, sched
+
+
+def sampler_custom(g, model_src, pos_src, neg_src, sampler, sigmas, latent_src, seed, cfg, title=None, row=1):
+    """A SamplerCustom on the sigmas of node ``sigmas``, its inputs linked from (node, slot) sources."""
+    sc = g.node("SamplerCustom", [True, seed, "fixed", cfg], title or f"Sample (CFG {cfg:g})",
                 inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                         ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
-                outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], col=4, row=1)
-    g.link(*model_src, sched, "model")
+                outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], col=4, row=row)
     g.link(*model_src, sc, "model"), g.link(*pos_src, sc, "positive"), g.link(*neg_src, sc, "negative")
-    g.link(sampler, 0, sc, "sampler"), g.link(sched, 0, sc, "sigmas"), g.link(*latent_src, sc, "latent_image")
-    return sc, sched
+    g.link(sampler, 0, sc, "sampler"), g.link(sigmas, 0, sc, "sigmas"), g.link(*latent_src, sc, "latent_image")
+    return sc
 
 
 def ksampler(g, model, positive, negative, latent, title, col, sampler="ddim", scheduler="ddim_uniform"):

@@ -15,7 +15,7 @@ everywhere it is used. The model files come from the pack's toy/ folder, so --sm
 """
 from __future__ import annotations
 
-from build import Graph, sample_custom
+from build import Graph, sample_custom, sampler_custom
 
 CHECKPOINT = "toy_world_sd_inpaint.safetensors"   # the prompt-neglect world's model (docs/toy-world.md)
 WORLD, KIND = "neglect", "nearby"
@@ -59,12 +59,8 @@ def toy_world_demo(name):
     sc, sched = sample_custom(g, (painta, 0), (cond, 0), (cond, 1), sampler, (cond, 2), STEPS,
                               f"Schedule ({STEPS} DDIM steps, both samplers)", seed=SEED, cfg=CFG)
     g.nodes[sc - 1]["title"] = f"Sample with PAIntA (CFG {CFG:g})"
-    plain = g.node("SamplerCustom", [True, SEED, "fixed", CFG], f"Sample without PAIntA (CFG {CFG:g})",
-                   inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                           ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
-                   outputs=[("output", "LATENT"), ("denoised_output", "LATENT")], col=4, row=2)
-    g.link(loader, 0, plain, "model"), g.link(cond, 0, plain, "positive"), g.link(cond, 1, plain, "negative")
-    g.link(sampler, 0, plain, "sampler"), g.link(sched, 0, plain, "sigmas"), g.link(cond, 2, plain, "latent_image")
+    plain = sampler_custom(g, (loader, 0), (cond, 0), (cond, 1), sampler, sched, (cond, 2), SEED, CFG,
+                           f"Sample without PAIntA (CFG {CFG:g})", row=2)
     pasted = {}
     for which, node, row in (("with", sc, 1), ("without", plain, 2)):
         dec = g.node("VAEDecode", [], inputs=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")],

@@ -60,8 +60,7 @@ def test_the_ui_is_the_hosts_own_frontend(ui):
 
     server, page = ui
     pins = browser.host_pins()
-    if "comfyui-frontend-package" not in pins:
-        pytest.skip(f"{browser.host.comfyui_path()}/requirements.txt pins no frontend")
+    assert "comfyui-frontend-package" in pins, f"{browser.host.comfyui_path()}/requirements.txt pins no frontend"
     fix = "install the host's own: the comfyui-* lines of its requirements.txt (scripts/test_newest_comfyui.sh does)"
     assert browser.frontend_version(page) == pins["comfyui-frontend-package"], fix
     # the server runs in this interpreter: it serves the templates package installed here
