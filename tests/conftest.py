@@ -4,6 +4,8 @@ The pack is imported as ``faithful_inpaint`` from the repository root (faithful_
 started once per session with its own base directory, and the pack is loaded as a custom node the way ComfyUI's
 start-up loads it (its ``__init__`` makes ComfyUI's name for it the same package).
 """
+import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -14,7 +16,9 @@ if str(ROOT) not in sys.path:
 
 from faithful_inpaint.devtools import host  # noqa: E402
 
-host.start(base_directory=tempfile.mkdtemp(prefix="faithful-inpaint-tests-"))
+_base_directory = tempfile.mkdtemp(prefix="faithful-inpaint-tests-")
+atexit.register(shutil.rmtree, _base_directory, ignore_errors=True)  # the host's input/output/user folders go with the run
+host.start(base_directory=_base_directory)
 host.load_pack_nodes()
 
 
