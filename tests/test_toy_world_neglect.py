@@ -290,3 +290,42 @@ def test_attention_report_command_on_an_sd_inpaint_checkpoint(tmp_path):
         average, per_head = float(r[2]), float(r[3])
         assert 0 < per_head <= average <= 1                # averaging heads never sharpens (entropy is concave)
 
+
+
+def test_toy_data_of_the_neglect_world_for_the_retrained_branch_and_adapter():
+    """make_toy_data --world neglect: the same sample format as the first world's, drawn from the prompt-neglect world
+    (every background kind, incomplete global captions), deterministic in the seed; the first world's samples are
+    the draws they always were (the shipped add-ons' data)."""
+    from faithful_inpaint.training.make_toy_data import make_sample
+
+    def draws(world, n, seed=0):
+        rng = np.random.default_rng(seed)
+        return [make_sample(rng, world=world) for _ in range(n)]
+
+    def same(a, b):
+        return all(np.array_equal(np.asarray(x[0]), np.asarray(y[0]))
+                   and np.array_equal(np.asarray(x[1]), np.asarray(y[1])) and x[2:] == y[2:] for x, y in zip(a, b))
+
+    neglect = draws("neglect", 60)
+    assert same(neglect, draws("neglect", 60)) and not same(neglect, draws("neglect", 60, seed=1))
+    # the first world: scene seed, then the object, from one generator; the global caption names every object
+    rng = np.random.default_rng(0)
+    scene = tw.make_scene(int(rng.integers(2**31)))
+    first = draws("objects", 1)[0]
+    assert np.array_equal(np.asarray(first[0]), (scene.image() * 255).round().astype(np.uint8))
+    assert first[3] == scene.caption
+
+    kinds, unnamed = set(), 0
+    for image, mask, local, caption in neglect:
+        cells = tw.to_cells(np.asarray(image, np.float32) / 255)
+        inside = tw.to_cells(np.asarray(mask, np.float32)[..., None] / 255)[..., 0] > 0.5
+        colour, shape = local.split()[1:]
+        assert shape in tw.SHAPES and inside.any()
+        mean = cells[inside].mean(0)
+        assert tw.COLOUR_NAMES[np.linalg.norm(tw.PALETTE - mean, axis=1).argmin()] == colour
+        unnamed += local not in caption
+        kinds.update(w for w in tw.BACKGROUND_KINDS if f"{w} background" in caption)
+    assert 0.2 < unnamed / len(neglect) < 0.7          # the object is left out of the caption with 1 - NAME_PROB
+    assert set(tw.STRUCTURED_BACKGROUNDS) <= kinds     # background words of structured kinds appear
+    with pytest.raises(ValueError, match="unknown world"):
+        make_sample(np.random.default_rng(0), world="moon")
