@@ -119,11 +119,11 @@ def painta_only(ci: CaseInputs):
 RASG_ETA = 0.15          # the paper's eta: eq. 11's sigma_t at this eta is the guidance term's strength
 
 
-def rasg_on(ci: CaseInputs, model=None, eta: float = RASG_ETA):
+def rasg_on(ci: CaseInputs, model=None, eta: float = RASG_ETA, sigma_rule: str = "paper (eq. 11)"):
     _, _, rasg = _nodes()
     (guided,) = rasg.RASGGuidance.execute(model=model or ci.model, clip=ci.clip, prompt=ci.prompt,
                                           attention_resolution="1/32 (paper)", mask=ci.mask)
-    (sampler,) = rasg.RASGSampler.execute(eta=eta, sigma_rule="paper (eq. 11)", guide_start=0.0, guide_end=1.0)
+    (sampler,) = rasg.RASGSampler.execute(eta=eta, sigma_rule=sigma_rule, guide_start=0.0, guide_end=1.0)
     return guided, sampler
 
 
@@ -240,6 +240,9 @@ MECHANISMS = [
     # RASG at smaller strengths than eq. 11's (eta 0.15): the same sigma rule at a lower eta
     Mechanism("RASG (eta 0.05)", "inpaint", "baseline", functools.partial(rasg_on, eta=0.05)),
     Mechanism("RASG (eta 0.015)", "inpaint", "baseline", functools.partial(rasg_on, eta=0.015)),
+    # eq. 11's eta with the official code's sigma_t (per-step alphas: eta * sigma_t ~ 1e-3, kernels/rasg.reference_split)
+    Mechanism("RASG (reference code's sigma)", "inpaint", "baseline",
+              functools.partial(rasg_on, sigma_rule="reference code")),
     Mechanism("baseline (4-ch, noise mask)", "plain", None, plain),
     Mechanism("PAIntA (4-ch)", "plain", "baseline (4-ch, noise mask)", painta_only),
     Mechanism("PILOT", "plain", "baseline (4-ch, noise mask)", pilot_on),
