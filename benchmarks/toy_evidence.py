@@ -47,14 +47,15 @@ from faithful_inpaint.kernels import toy_world as tw
 METRICS = ("present", "dominant", "shape_ok")
 DEFAULT_SEED = 10_000     # the first case's seed
 # Each role's toy file (in the toy folder), per world: the neglect world's 9-channel and 4-channel models are the
-# sd-inpaint recipe's (toy/README.md); the trained add-ons default to the first world's (``--file ROLE=NAME`` names a
-# retrained one).
+# sd-inpaint recipe's (toy/README.md), its branch, adapter and RefineNet the ones retrained on them (``--file
+# ROLE=NAME`` names another file for a role, e.g. the first world's add-ons).
 TOY_FILES = {"inpaint": "toy_world_inpaint.safetensors", "plain": "toy_world.safetensors",
              "branch": "toy_brushnet.safetensors", "adapter": "toy_image_prompt.safetensors",
              "refinenet": "toy_refinenet.safetensors", "clip_vision": "toy_clip_vision.safetensors"}
 WORLD_FILES = {"objects": TOY_FILES,
                "neglect": {**TOY_FILES, "inpaint": "toy_world_sd_inpaint.safetensors",
-                           "plain": "toy_world_sd.safetensors"}}
+                           "plain": "toy_world_sd.safetensors", "branch": "toy_sd_brushnet.safetensors",
+                           "adapter": "toy_sd_image_prompt.safetensors", "refinenet": "toy_sd_refinenet.safetensors"}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -540,8 +541,8 @@ def main(argv=None) -> int:
                         "make_neglect_cases (structured backgrounds, prompted object absent, neighbour partly masked)")
     p.add_argument("--file", action="append", default=[], metavar="ROLE=NAME",
                    help=f"the toy file of a role ({', '.join(TOY_FILES)}) in the toy folder, instead of the world's "
-                        f"default (WORLD_FILES); e.g. branch=toy_sd_brushnet.safetensors for a branch retrained on "
-                        f"the neglect world's base")
+                        f"default (WORLD_FILES); e.g. branch=toy_brushnet.safetensors for the first world's branch "
+                        f"on the neglect world's base")
     p.add_argument("--attention-only", action="store_true",
                    help="only the attention statistics of the 9-channel baseline on --attention-cases cases "
                         "(attention.md in --out), then exit")
