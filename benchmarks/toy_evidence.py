@@ -295,6 +295,18 @@ class ToyModels:
         return self._clip_vision
 
 
+ADDON_FOLDERS = ("inpaint", "ipadapter", "refinenet")   # ComfyUI folders of the toy-trained branch, adapter, RefineNet
+
+
+def register_toy_folders(toy_dir: Path, is_default: bool = False) -> None:
+    """Make the toy add-ons in ``toy_dir`` visible to their loader nodes (BrushBranchLoader, ImagePromptAdapterLoader,
+    RefineNetLoader), which read ComfyUI's model folders."""
+    import folder_paths
+
+    for folder in ADDON_FOLDERS:
+        folder_paths.add_model_folder_path(folder, str(toy_dir), is_default=is_default)
+
+
 def case_tensors(case: tw.InpaintCase) -> tuple[torch.Tensor, torch.Tensor]:
     image = torch.from_numpy(np.ascontiguousarray(case.scene.image()))[None]        # [1, H, W, 3]
     mask = torch.from_numpy(case.mask_image())[None]                                # [1, H, W]
@@ -572,8 +584,7 @@ def main(argv=None) -> int:
     if args.toy_dir:
         folder_paths.add_model_folder_path("toy_world", str(Path(args.toy_dir).resolve()), is_default=True)
     toy_dir = Path(args.toy_dir or host.PACK_ROOT / "toy").resolve()
-    for folder in ("inpaint", "ipadapter", "refinenet"):          # the toy-trained branch, adapter and RefineNet
-        folder_paths.add_model_folder_path(folder, str(toy_dir), is_default=True)
+    register_toy_folders(toy_dir, is_default=True)
     files = dict(WORLD_FILES[args.world])
     for item in args.file:
         role, _, name = item.partition("=")

@@ -1,4 +1,5 @@
-"""Shared test helpers: one forward pass of a ComfyUI model with explicit cond/uncond layout."""
+"""Shared test helpers: one forward pass of a ComfyUI model with explicit cond/uncond layout; the path of a file the
+pack ships in toy/."""
 from __future__ import annotations
 
 import torch
@@ -24,3 +25,12 @@ def forward(model, x, sigma: float, context, cond_or_uncond=(0, 1), concat=None,
         kwargs["y"] = y
     with torch.inference_mode():
         return model.model.apply_model(x, sigmas, c_crossattn=context, transformer_options=to, **kwargs).clone()
+
+
+def toy_path(name: str):
+    """The path of ``name`` in the pack's toy/ folder, which must hold it (the pack ships it)."""
+    from faithful_inpaint.nodes.toy_world import PACK_TOY_DIR
+
+    path = PACK_TOY_DIR / name
+    assert path.is_file(), f"{path} is missing: the pack ships it (toy/README.md)"
+    return path

@@ -11,18 +11,11 @@ from faithful_inpaint.benchmarks import toy_evidence as ev
 from faithful_inpaint.kernels import toy_world as tw
 from faithful_inpaint.training import lar_gen
 from faithful_inpaint.training.make_toy_data import write_quadruples
+from helpers import toy_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SUBJECTS = [(c, s) for c in tw.COLOUR_NAMES for s in tw.SHAPES]
-
-
-def toy_path(name):
-    from faithful_inpaint.nodes.toy_world import PACK_TOY_DIR
-
-    path = PACK_TOY_DIR / name
-    assert path.is_file(), f"{path} is missing: the pack ships it (toy/README.md)"
-    return path
 
 
 def test_subject_image_is_the_object_alone_on_white():

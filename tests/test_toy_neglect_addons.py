@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from faithful_inpaint.benchmarks import toy_evidence as ev
 from faithful_inpaint.kernels import toy_world as tw
+from helpers import toy_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,17 +17,9 @@ NEGLECT = ev.WORLD_FILES["neglect"]
 ADDONS = ("branch", "adapter", "refinenet")
 
 
-def toy_path(name):
-    from faithful_inpaint.nodes.toy_world import PACK_TOY_DIR
-
-    path = PACK_TOY_DIR / name
-    assert path.is_file(), f"{path} is missing: the pack ships it (toy/README.md)"
-    return path
-
-
 def test_the_neglect_world_ships_its_own_addons_trained_on_its_bases():
     assert {NEGLECT[r] for r in ADDONS}.isdisjoint({ev.TOY_FILES[r] for r in ADDONS})   # not the first world's
-    for role, name in NEGLECT.items():
+    for name in NEGLECT.values():
         assert toy_path(name).stat().st_size <= 10_000_000, name                           # the 10 MB
     for role in ("adapter", "refinenet"):
         with safe_open(str(toy_path(NEGLECT[role])), "pt") as f:
@@ -43,11 +36,9 @@ def test_the_neglect_world_ships_its_own_addons_trained_on_its_bases():
 
 @pytest.fixture(scope="module")
 def models():
-    import folder_paths
     from faithful_inpaint.nodes.toy_world import PACK_TOY_DIR
 
-    for folder in ("inpaint", "ipadapter", "refinenet"):        # as the harness registers the toy folder
-        folder_paths.add_model_folder_path(folder, str(PACK_TOY_DIR))
+    ev.register_toy_folders(PACK_TOY_DIR)
     with torch.inference_mode():
         return ev.ToyModels.load({"inpaint", "plain"}, NEGLECT)
 
